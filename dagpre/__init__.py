@@ -1,0 +1,59 @@
+"""dagpre: nights of raw astronomical frames to AI-ready products, on NumPy or CuPy.
+
+Eager use, one step at a time (names are the public contract, see DESIGN.md)::
+
+    import dagpre as dp
+    frame = dp.read_fits("night/frame_000.fits")
+    night = dp.simulate.night(n_frames=5, shape=(512, 512), seed=1)
+
+Sub-packages and heavy dependencies load on first use, so ``import dagpre`` stays fast and
+never imports CuPy.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from dagpre._version import __version__
+from dagpre.types import Catalog, DagpreError, Frame, InputError, MaskBit
+
+# public name -> "module:attribute" (or "module" for a sub-module), loaded on first access
+_LAZY = {
+    "read_fits": "dagpre.io.fits:read_fits",
+    "write_fits": "dagpre.io.fits:write_fits",
+    "simulate": "dagpre.simulate",
+    "backend": "dagpre.backend",
+    "estimate_background": "dagpre.ops.background:estimate_background",
+    "Background": "dagpre.ops.background:Background",
+    "zscale": "dagpre.ops.transforms:zscale",
+    "interval": "dagpre.ops.transforms:interval",
+    "stretch": "dagpre.ops.transforms:stretch",
+    "histeq": "dagpre.ops.transforms:histeq",
+    "quicklook_png": "dagpre.ops.transforms:quicklook_png",
+    "median_flatten": "dagpre.ops.deconvolve:median_flatten",
+    "richardson_lucy": "dagpre.ops.deconvolve:richardson_lucy",
+}
+
+__all__ = [
+    "Catalog",
+    "DagpreError",
+    "Frame",
+    "InputError",
+    "MaskBit",
+    "__version__",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    try:
+        target = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'dagpre' has no attribute {name!r}") from None
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

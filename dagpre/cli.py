@@ -1,0 +1,127 @@
+"""The ``dagpre`` command: ``dagpre --version``, ``dagpre simulate OUTDIR ...``.
+
+The pipeline adds ``demo`` and ``run`` when it lands. Errors that dagpre raises on purpose
+(:class:`~dagpre.types.DagpreError`) are printed as one line and exit with status 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dagpre._version import __version__
+from dagpre.types import DagpreError, InputError
+
+BAD_FRAME_KINDS = ("cloud", "shutter", "defocus", "trailing")
+
+
+def _parse_bad_frames(text: str) -> dict[int, str]:
+    """``"2:cloud,4:trailing"`` -> ``{2: "cloud", 4: "trailing"}``."""
+    result: dict[int, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        index, sep, kind = item.partition(":")
+        if not sep or not index.strip().isdigit() or kind.strip() not in BAD_FRAME_KINDS:
+            raise argparse.ArgumentTypeError(
+                f"expected INDEX:KIND pairs with KIND in {', '.join(BAD_FRAME_KINDS)} "
+                f"(e.g. 2:cloud,4:trailing), got {item!r}"
+            )
+        result[int(index)] = kind.strip()
+    return result
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dagpre",
+        description="Astronomical frames to AI-ready products on NumPy or CuPy.",
+    )
+    parser.add_argument("--version", action="version", version=f"dagpre {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sim = commands.add_parser(
+        "simulate",
+        help="write a simulated night (FITS frames + ECSV truth tables)",
+        description="Write a deterministic simulated night of one field: FITS frames with "
+        "TAN (optionally SIP) WCS, and truth tables of stars, transients and frame conditions.",
+    )
+    sim.add_argument("outdir", type=Path, help="folder to write into (created if missing)")
+    sim.add_argument("--frames", type=_positive_int, default=5, help="number of frames (5)")
+    sim.add_argument("--size", type=_positive_int, default=512, help="frame side in pixels (512)")
+    sim.add_argument("--stars", type=_positive_int, default=500, help="number of stars (500)")
+    sim.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sim.add_argument("--psf", choices=("moffat", "gaussian"), default="moffat")
+    sim.add_argument("--sip", action="store_true", help="add SIP camera distortion to the WCS")
+    sim.add_argument("--transients", type=int, default=3, help="number of transients (3)")
+    sim.add_argument(
+        "--bad",
+        type=_parse_bad_frames,
+        default={},
+        metavar="INDEX:KIND,...",
+        help=f"bad frames, KIND in {', '.join(BAD_FRAME_KINDS)} (e.g. 2:cloud,4:trailing)",
+    )
+    sim.add_argument("--overwrite", action="store_true", help="replace existing files")
+    sim.set_defaults(handler=_cmd_simulate)
+    return parser
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from dagpre import simulate
+
+    for index in args.bad:
+        if index >= args.frames:
+            raise InputError("--bad", f"frame index {index} is beyond --frames {args.frames}")
+    night = simulate.night(
+        n_frames=args.frames,
+        shape=(args.size, args.size),
+        n_stars=args.stars,
+        seed=args.seed,
+        psf=args.psf,
+        sip=args.sip,
+        n_transients=args.transients,
+        bad_frames=args.bad or None,
+    )
+    paths = night.write(args.outdir, overwrite=args.overwrite)
+    table = night.frames_table
+    print(
+        f"dagpre simulate: {len(paths['frames'])} frames of {args.size}x{args.size} px, "
+        f"{args.stars} stars, seed {args.seed} -> {args.outdir}"
+    )
+    for row, path in zip(table, paths["frames"], strict=True):
+        bad = f"  bad: {row['bad']}" if row["bad"] else ""
+        print(
+            f"  {path}  mjd {row['mjd']:.5f}  seeing {row['seeing_fwhm']:.2f} px  "
+            f"sky {row['sky']:.0f} ADU{bad}"
+        )
+    for path in paths["truth"]:
+        print(f"  {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dagpre`` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except DagpreError as exc:
+        print(f"dagpre {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
