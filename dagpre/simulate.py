@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import is_cupy_array, xp_of
-from dagpre.types import InputError, MaskBit
+from dagpre.types import Frame, InputError, MaskBit
 
 __all__ = [
     "BAD_FRAME_KINDS",
@@ -542,7 +542,7 @@ def source_flux(sources: Any, mjd: float) -> np.ndarray:
 # =========================================================================== results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SimulatedFrame:
     """One simulated exposure and its truth.
 
@@ -590,8 +590,6 @@ class SimulatedFrame:
 
     def to_frame(self, *, truth_mask: bool = False):
         """This exposure as a :class:`dagpre.Frame` (the mask is zeros unless ``truth_mask``)."""
-        from dagpre.types import Frame
-
         header = self.header
         meta = {
             "mjd": float(header["MJD-OBS"]),
@@ -605,7 +603,7 @@ class SimulatedFrame:
         return Frame(data=self.data, mask=mask, header=self.header.copy(), wcs=self.wcs, meta=meta)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SimulatedNight:
     """A simulated night: frames and truth tables (see :func:`night`).
 
@@ -1365,13 +1363,15 @@ def night(
     stamp radius is where the profile drops below 0.05 e-, at most ``max_radius``.
 
     A 4096 x 4096 frame with 20,000 stars takes about 2 s on one CPU core
-    (``benchmarks/bench_simulate.py``); a ``"trailing"`` frame costs about one frame per
-    pixel of trail length more, as each star is drawn at ``ceil(length) + 1`` points.
+    (``benchmarks/bench_simulate.py``). Rendering a ``"trailing"`` frame costs about
+    ``ceil(length) + 1`` times more, as each star is drawn at that many points (~11 s for
+    that frame size).
     """
     p = _validate(dict(locals()))
     ny, nx = p["shape"]
     mjds = p["mjd0"] + np.arange(p["n_frames"]) * (p["cadence"] / 86400.0)
-    rot_shift = 0.5 * math.hypot(nx, ny) * math.sin(math.radians(p["max_rotation"]))
+    # a corner moves by the chord 2 r sin(theta / 2) under a rotation theta about the centre
+    rot_shift = math.hypot(nx, ny) * math.sin(math.radians(0.5 * p["max_rotation"]))
     sip_shift = 3.0 if p["sip"] else 0.0
     margin = p["max_offset"] + rot_shift + sip_shift + 10.0
     # ---- flux scale: from a 5-sigma detection to ~70 % of saturation at the best seeing
