@@ -247,3 +247,33 @@ def test_no_valid_mesh_is_an_input_error():
         estimate_background(np.full((128, 128), np.nan, np.float32), box=64)
     with pytest.raises(InputError, match="expected a 2-D array"):
         estimate_background(np.zeros(10, np.float32))
+
+
+@pytest.mark.parametrize("psf", ["moffat", "gaussian"])
+def test_recovers_simulated_sky_within_three_hundredths_of_the_noise(psf):
+    """On a sparse simulated field with known sky (a tilted plane), the SExtractor
+    estimator's typical error is within 0.03 of the noise RMS.
+
+    Measured (seed 5, 1024^2, 300 stars): mean error 0.006 / -0.011 sigma, median |error|
+    0.016 sigma; the worst pixel, at the extrapolated frame edges, is about 0.12-0.14 sigma,
+    and a crowded field (1500 stars) biases the level by about 0.1 sigma.
+    """
+    import dagpre as dp
+
+    night = dp.simulate.night(
+        n_frames=1, shape=(1024, 1024), n_stars=300, seed=5, psf=psf, n_saturated=0, n_transients=0
+    )
+    frame, row = night.frames[0], night.frames_table[0]
+    ny, nx = frame.data.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    truth = (
+        row["sky"]
+        + row["sky_grad_x"] * (xx - (nx - 1) / 2)
+        + row["sky_grad_y"] * (yy - (ny - 1) / 2)
+    )
+    noise = np.sqrt(truth * row["gain"] + row["rdnoise"] ** 2) / row["gain"]
+    bkg = estimate_background(frame.data, box=64, mask=frame.truth_mask)
+    err = (bkg.background - truth) / noise
+    assert abs(float(err.mean())) <= 0.03
+    assert float(np.median(np.abs(err))) <= 0.03
+    np.testing.assert_allclose(np.median(bkg.rms / noise), 1.0, atol=0.02)
