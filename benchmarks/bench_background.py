@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from _timing import median_seconds
 
 from dagpre.backend import gpu_available
 from dagpre.ops.background import estimate_background
@@ -31,20 +30,6 @@ def _frame(size: int, seed: int = 0) -> np.ndarray:
     return image
 
 
-def _median_seconds(fn, repeat: int, sync=None) -> float:
-    fn()  # warm-up
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -57,9 +42,9 @@ def main() -> None:
         b = estimate_background(image, box=64, filter_size=3)
         return b.background, b.rms
 
-    t_ours = _median_seconds(ours, args.repeat)
+    t_ours = median_seconds(ours, args.repeat)
     rows.append(("dagpre numpy (sextractor)", t_ours))
-    t_med = _median_seconds(
+    t_med = median_seconds(
         lambda: estimate_background(image, box=64, filter_size=3, estimator="median"), args.repeat
     )
     rows.append(("dagpre numpy (median)", t_med))
@@ -70,7 +55,7 @@ def main() -> None:
         b = sep.Background(image, bw=64, bh=64, fw=3, fh=3)
         return b.back(), b.rms()
 
-    t_sep = _median_seconds(sep_run, args.repeat)
+    t_sep = median_seconds(sep_run, args.repeat)
     rows.append(("sep.Background (back + rms)", t_sep))
 
     from astropy.stats import SigmaClip
@@ -86,7 +71,7 @@ def main() -> None:
         )
         return b.background, b.background_rms
 
-    rows.append(("photutils Background2D (SExtractorBackground)", _median_seconds(phot, 3)))
+    rows.append(("photutils Background2D (SExtractorBackground)", median_seconds(phot, 3)))
 
     if gpu_available():
         import cupy
@@ -96,7 +81,7 @@ def main() -> None:
         rows.append(
             (
                 "dagpre cupy (sextractor)",
-                _median_seconds(lambda: estimate_background(dev), args.repeat, sync),
+                median_seconds(lambda: estimate_background(dev), args.repeat, sync),
             )
         )
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
+
+from _timing import median_seconds
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -33,20 +33,6 @@ def _processor() -> str:
         except OSError:
             pass
     return name or platform.machine()
-
-
-def _median_seconds(fn, repeat: int, sync=None) -> float:
-    fn()  # warm-up
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,7 +56,7 @@ def main() -> None:
         def whole(psf=psf):
             return simulate.night(n_frames=1, shape=shape, n_stars=args.stars, seed=0, psf=psf)
 
-        rows.append((f"night(n_frames=1) {psf}", "cpu", _median_seconds(whole, args.repeat)))
+        rows.append((f"night(n_frames=1) {psf}", "cpu", median_seconds(whole, args.repeat)))
         sim = whole()
         ep = sim.epochs
         frame = sim.frames[0]
@@ -82,7 +68,7 @@ def main() -> None:
         def render(x=x, y=y, flux=flux, fwhm=fwhm, psf=psf):
             return simulate.render_sources(shape, x, y, flux, fwhm, psf=psf)
 
-        rows.append((f"render_sources {psf} ({n_on} on frame)", "cpu", _median_seconds(render, 3)))
+        rows.append((f"render_sources {psf} ({n_on} on frame)", "cpu", median_seconds(render, 3)))
         if gpu_available():
             import cupy
 
@@ -92,7 +78,7 @@ def main() -> None:
                 (
                     f"render_sources {psf} ({n_on} on frame)",
                     "gpu",
-                    _median_seconds(
+                    median_seconds(
                         lambda dev=dev, psf=psf: simulate.render_sources(shape, *dev, psf=psf),
                         args.repeat,
                         sync,

@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from _timing import median_seconds
 
 from dagpre.backend import gpu_available
 from dagpre.ops.transforms import histeq, interval, stretch, zscale
@@ -52,21 +51,6 @@ def _frame(size: int, n_blobs: int = 3000, seed: int = 0) -> tuple[np.ndarray, s
         blob = p * np.exp(-(yy**2 + xx**2) / (2.0 * s * s))
         image[y - half : y + half + 1, x - half : x + half + 1] += blob.astype(np.float32)
     return image, "Gaussian stamps"
-
-
-def _median_seconds(fn, repeat: int, sync=None, warm_up: bool = True) -> float:
-    if warm_up:
-        fn()
-        if sync:
-            sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -122,14 +106,14 @@ def main() -> None:
 
     rows = []
     for name, (ours, theirs) in steps.items():
-        t_ours = _median_seconds(lambda ours=ours: ours(image), args.repeat)
+        t_ours = median_seconds(lambda ours=ours: ours(image), args.repeat)
         t_gpu = None
         if use_gpu:
-            t_gpu = _median_seconds(lambda ours=ours: ours(device_image), args.repeat, sync)
+            t_gpu = median_seconds(lambda ours=ours: ours(device_image), args.repeat, sync)
         if name.startswith("histeq"):
-            t_theirs = _median_seconds(theirs, args.histeq_repeat, warm_up=False)
+            t_theirs = median_seconds(theirs, args.histeq_repeat, warm_up=False)
         else:
-            t_theirs = _median_seconds(theirs, args.repeat)
+            t_theirs = median_seconds(theirs, args.repeat)
         rows.append((name, t_ours, t_theirs, t_gpu))
 
     print(
