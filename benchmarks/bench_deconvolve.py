@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import scipy.ndimage
 import scipy.signal
+from _timing import median_seconds
 from scipy.special import erf
 
 from dagpre.backend import gpu_available
@@ -64,14 +63,7 @@ def time_median(
     """Median wall time (s) of ``repeats`` calls of ``func`` after one call of ``warmup``."""
     warmup()
     sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        func()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(func, repeats, sync=sync, warm_up=False)
 
 
 def main(argv: list[str] | None = None) -> None:
