@@ -32,6 +32,8 @@ _LAZY = {
     "quicklook_png": "dagpre.ops.transforms:quicklook_png",
     "median_flatten": "dagpre.ops.deconvolve:median_flatten",
     "richardson_lucy": "dagpre.ops.deconvolve:richardson_lucy",
+    "mask_saturation": "dagpre.ops.masks:mask_saturation",
+    "detect_sources": "dagpre.ops.detect:detect_sources",
 }
 
 __all__ = [
