@@ -358,3 +358,42 @@ def test_cupy_catalog_equals_numpy(sep_image):
         assert len(dev["x"]) == len(host["x"])
         for name in host:
             assert_allclose(dev[name], host[name], rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+def test_crowded_bulge_frame_recovers_the_pipeline_catalog(shared_data):
+    """LCO bulge crop: catalog sources placed through RA/Dec and the crop's WCS.
+
+    Measured: the catalog's sky positions sit (0.16, 1.19) px from the sources on the crop
+    (a systematic offset of the catalog's astrometry, the same for SEP), so 27% of the 48
+    catalog sources inside the crop lie within 1 px of a detection as placed, 98% within
+    2 px; with the median offset removed 94% are within 1 px, and the median isophotal
+    minus catalog magnitude of matched sources is -0.022 mag (SEP: 94%, -0.026).
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    path = shared_data / "lco_bulge" / "lsc1m005-fl15-20170614-0130-e91_cropped_v2.fits.gz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(path) as hdul:
+            image = hdul[0].data.astype(np.float32)
+            wcs = WCS(hdul[0].header)
+            ref = hdul[1].data
+    x, y = wcs.world_to_pixel_values(ref["RA"], ref["DEC"])
+    ny, nx = image.shape
+    inside = (x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)
+    x, y, ref_flux = x[inside], y[inside], ref["FLUX"][inside]
+    bkg = estimate_background(image, box=32)
+    cat = _host_table(detect_sources(image - bkg.background, 1.5, err=bkg.rms))
+    tree = cKDTree(np.column_stack([cat["x"], cat["y"]]))
+    d, i = tree.query(np.column_stack([x, y]))
+    assert inside.sum() == 48
+    assert (d < 2.0).mean() >= 0.95
+    shift_x = np.median((cat["x"][i] - x)[d < 3])
+    shift_y = np.median((cat["y"][i] - y)[d < 3])
+    assert abs(shift_x - 0.16) < 0.1 and abs(shift_y - 1.19) < 0.1
+    d, i = tree.query(np.column_stack([x + shift_x, y + shift_y]))
+    matched = d < 1.0
+    assert matched.mean() >= 0.9
+    dmag = -2.5 * np.log10(cat["flux"][i[matched]] / ref_flux[matched])
+    assert abs(np.median(dmag)) < 0.05
