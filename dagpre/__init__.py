@@ -34,6 +34,13 @@ _LAZY = {
     "richardson_lucy": "dagpre.ops.deconvolve:richardson_lucy",
     "mask_saturation": "dagpre.ops.masks:mask_saturation",
     "detect_sources": "dagpre.ops.detect:detect_sources",
+    "aperture_photometry": "dagpre.ops.photometry:aperture_photometry",
+    "ellipse_photometry": "dagpre.ops.photometry:ellipse_photometry",
+    "kron_photometry": "dagpre.ops.photometry:kron_photometry",
+    "isophotal_photometry": "dagpre.ops.photometry:isophotal_photometry",
+    "flux_radius": "dagpre.ops.photometry:flux_radius",
+    "kron_radius": "dagpre.ops.photometry:kron_radius",
+    "winpos": "dagpre.ops.photometry:winpos",
 }
 
 __all__ = [

@@ -60,6 +60,35 @@ def test_image_cat_objects_positions_and_moments(sep_image):
     assert_allclose(got["a"], ref["a"], atol=1e-3)
 
 
+def test_image_cat_photometry_on_dagpre_objects(sep_image):
+    """FLUX_APER, FLUX_AUTO, KRON_RADIUS, FLUX_RADIUS, XWIN/YWIN from dagpre's own catalog.
+
+    SEP's tolerances; AUTO with image.cat's PHOT_AUTOPARAMS 2.5, 0.0 (``min_kron=0``,
+    ``r_min=0``).
+    """
+    from dagpre.ops.photometry import aperture_photometry, flux_radius, kron_photometry, winpos
+
+    data, rms, ref = sep_image
+    cat = detect_sources(data, 1.5, err=rms, minarea=5, deblend_cont=1.0)
+    order = np.argsort(np.asarray(cat["y"]))
+    obj = {k: np.asarray(cat[k])[order] for k in ("x", "y", "a", "b", "theta")}
+    flux, fluxerr, flag = aperture_photometry(data, obj["x"], obj["y"], 5.0, err=rms, subpix=5)
+    assert_allclose(flux, ref["flux_aper"], rtol=2e-4)
+    assert_allclose(fluxerr, ref["fluxerr_aper"], rtol=1e-5)
+    assert int((flag & 16).sum() // 16) == 4  # apertures truncated by the frame edge
+    auto = kron_photometry(data, obj, min_kron=0.0, r_min=0.0, err=rms)
+    assert_allclose(auto.kron_factor, ref["kron_radius"], atol=0.01)
+    assert_allclose(auto.flux, ref["flux_auto"], rtol=5e-4)
+    assert_allclose(auto.fluxerr, ref["fluxerr_auto"], rtol=5e-4)
+    fr, _ = flux_radius(
+        data, obj["x"], obj["y"], 6.0 * ref["a"], [0.1, 0.5, 0.6], normflux=ref["flux_auto"]
+    )
+    assert_allclose(fr, ref["flux_radius"], rtol=0.04, atol=0.01)
+    xw, yw, _ = winpos(data, obj["x"], obj["y"], 2.0 / 2.35 * fr[:, 1])
+    assert_allclose(xw, ref["xwin"] - 1.0, atol=1.5e-3)
+    assert_allclose(yw, ref["ywin"] - 1.0, atol=1.5e-3)
+
+
 @pytest.mark.parametrize("clean", [True, False])
 def test_same_catalog_as_sep_without_deblending(sep_image, clean):
     """Same objects, same order, every column within 1e-5 of sep.extract on the same pixels."""
