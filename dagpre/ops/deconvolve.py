@@ -24,6 +24,7 @@ import numpy as np
 import scipy.fft
 
 from dagpre.backend import fft_of, ndimage_of, to_host, xp_of
+from dagpre.ops._checks import check_image, check_positive_int
 from dagpre.types import InputError
 
 __all__ = ["median_flatten", "richardson_lucy"]
@@ -35,29 +36,12 @@ _RL_EPS = 1e-12
 # --------------------------------------------------------------------------- validation
 
 
-def _check_image(image: Any, name: str = "image") -> None:
-    ndim = getattr(image, "ndim", None)
-    if ndim != 2:
-        raise InputError(name, f"expected a 2-D array (ny, nx), got ndim={ndim}")
-    if image.size == 0:
-        raise InputError(name, f"expected a non-empty image, got shape {image.shape}")
-    kind = np.dtype(image.dtype).kind
-    if kind not in "biuf":
-        raise InputError(name, f"expected real numbers, got dtype {image.dtype}")
-
-
 def _float_type(dtype: Any) -> type:
     """scikit-image's ``_supported_float_type`` for real input: float16/32 -> float32."""
     dtype = np.dtype(dtype)
     if dtype in (np.float16, np.float32):
         return np.float32
     return np.float64
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(name, f"expected a positive integer, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------- median flatten
@@ -130,8 +114,8 @@ def median_flatten(image: Any, size: int = 31, mask: Any = None) -> Any:
     >>> float(np.ptp(inner))
     0.0
     """
-    _check_image(image)
-    size = _check_positive_int(size, "size")
+    check_image(image)
+    size = check_positive_int(size, "size")
     if size % 2 == 0:
         raise InputError("size", f"expected an odd window so that it is centred, got {size}")
     xp = xp_of(image)
@@ -286,10 +270,10 @@ def richardson_lucy(
     >>> bool(sharp[16, 16] > 3 * blurred[16, 16])
     True
     """
-    _check_image(image)
+    check_image(image)
     xp = xp_of(image)
     psf_host = _check_psf(psf)
-    iterations = _check_positive_int(iterations, "iterations")
+    iterations = check_positive_int(iterations, "iterations")
     if not isinstance(clip, (bool, np.bool_)):
         raise InputError("clip", f"expected True or False, got {clip!r}")
     if filter_epsilon is not None:

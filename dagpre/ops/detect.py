@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import ndimage_of, to_host, xp_of
+from dagpre.ops._checks import check_image, check_positive_int
 from dagpre.ops._segments import (
     segment_argmax,
     segment_argmin,
@@ -251,22 +252,15 @@ def detect_sources(
 
 
 def _check_args(image, thresh, minarea, nthresh, cont, clean_param, filter_type) -> None:
-    ndim = getattr(image, "ndim", None)
-    if ndim != 2:
-        raise InputError("image", f"expected a 2-D array (ny, nx), got ndim={ndim}")
-    if image.size == 0:
-        raise InputError("image", f"expected a non-empty image, got shape {image.shape}")
-    if np.dtype(image.dtype).kind not in "biuf":
-        raise InputError("image", f"expected real numbers, got dtype {image.dtype}")
+    check_image(image)
     if (
         isinstance(thresh, bool)
         or not isinstance(thresh, numbers.Real)
         or not math.isfinite(thresh)
     ):
         raise InputError("thresh", f"expected a finite number, got {thresh!r}")
-    for name, value in (("minarea", minarea), ("deblend_nthresh", nthresh)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InputError(name, f"expected a positive integer, got {value!r}")
+    check_positive_int(minarea, "minarea")
+    check_positive_int(nthresh, "deblend_nthresh")
     if not isinstance(cont, numbers.Real) or not 0.0 <= cont <= 1.0:
         raise InputError("deblend_cont", f"expected a number in [0, 1], got {cont!r}")
     if not isinstance(clean_param, numbers.Real) or not clean_param > 0:

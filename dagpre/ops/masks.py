@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import ndimage_of, to_host, xp_of
+from dagpre.ops._checks import check_image
 from dagpre.types import Frame, InputError, MaskBit
 
 __all__ = ["mask_saturation"]
@@ -52,17 +53,6 @@ _PAINT_CHUNK = 1 << 22
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_image(image: Any) -> None:
-    ndim = getattr(image, "ndim", None)
-    if ndim != 2:
-        raise InputError("image", f"expected a 2-D array (ny, nx), got ndim={ndim}")
-    if image.size == 0:
-        raise InputError("image", f"expected a non-empty image, got shape {image.shape}")
-    kind = np.dtype(image.dtype).kind
-    if kind not in "iuf":
-        raise InputError("image", f"expected real numbers, got dtype {image.dtype}")
 
 
 def _check_number(value: Any, name: str, *, positive: bool) -> float:
@@ -253,7 +243,7 @@ def mask_saturation(
             saturate = frame.meta.get("saturate")
         if mask is None:
             mask = frame.mask
-    _check_image(image)
+    check_image(image, kinds="iuf")
     if saturate is None:
         raise InputError(
             "saturate",

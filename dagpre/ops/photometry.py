@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dagpre.backend import to_host, xp_of
+from dagpre.ops._checks import check_image
 from dagpre.types import Catalog, InputError
 
 __all__ = [
@@ -215,16 +216,6 @@ class WindowedPosition(NamedTuple):
 # =========================================================================== validation
 
 
-def _check_image(image: Any, name: str = "image") -> None:
-    ndim = getattr(image, "ndim", None)
-    if ndim != 2:
-        raise InputError(name, f"expected a 2-D array (ny, nx), got ndim={ndim}")
-    if image.size == 0:
-        raise InputError(name, f"expected a non-empty image, got shape {image.shape}")
-    if np.dtype(image.dtype).kind not in "biuf":
-        raise InputError(name, f"expected real numbers, got dtype {image.dtype}")
-
-
 def _on(xp, value: Any):
     """``value`` as an array on ``xp``'s device (host arrays go up, device arrays come down)."""
     if xp is np:
@@ -309,7 +300,7 @@ class _Pixels:
 
 def _pixels(image, err=None, mask=None, threads=None) -> _Pixels:
     """Validate ``image``, ``err`` and ``mask`` and flatten them for stamp gathering."""
-    _check_image(image)
+    check_image(image)
     xp = xp_of(image)
     shape = tuple(int(n) for n in image.shape)
     data = xp.ascontiguousarray(image).reshape(-1)

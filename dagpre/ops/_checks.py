@@ -1,0 +1,28 @@
+"""Argument checks shared by the steps: one-line :class:`InputError` naming the parameter."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from dagpre.types import InputError
+
+
+def check_image(image: Any, name: str = "image", kinds: str = "biuf") -> None:
+    """Raise unless ``image`` is a non-empty 2-D array of a dtype kind in ``kinds``."""
+    ndim = getattr(image, "ndim", None)
+    if ndim != 2:
+        raise InputError(name, f"expected a 2-D array (ny, nx), got ndim={ndim}")
+    if image.size == 0:
+        raise InputError(name, f"expected a non-empty image, got shape {image.shape}")
+    if np.dtype(image.dtype).kind not in kinds:
+        raise InputError(name, f"expected real numbers, got dtype {image.dtype}")
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int, or an error unless it is an integer >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(name, f"expected a positive integer, got {value!r}")
+    return int(value)
