@@ -202,7 +202,14 @@ def detect_sources(
     merged_ref = None
     if n_obj and deblend_cont < 1.0 and deblend_nthresh > 1:
         owner, merged_ref = _deblend(
-            xp, pix, detected, obj_thresh, int(deblend_nthresh), float(deblend_cont), int(minarea)
+            xp,
+            pix,
+            detected,
+            conv,
+            obj_thresh,
+            int(deblend_nthresh),
+            float(deblend_cont),
+            int(minarea),
         )
     n_final = int(owner.max()) + 1 if owner.size else 0
     table = _measure(xp, pix, owner, n_final, obj_thresh, merged_ref, err_scalar, gain, data.shape)
@@ -441,7 +448,7 @@ def _pack(xp, cand_idx, pix, sel):
     return ci, cy * canvas_w + cx, (canvas_h, canvas_w)
 
 
-def _deblend(xp, pix, detected, obj_thresh, nthresh: int, cont: float, minarea: int):
+def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, minarea: int):
     """SExtractor's multi-threshold deblending; returns the final owner of every pixel.
 
     Returns
@@ -449,22 +456,20 @@ def _deblend(xp, pix, detected, obj_thresh, nthresh: int, cont: float, minarea: 
     owner : int64 array
         Final object index of each pixel of ``pix`` (0..n_final-1); undivided objects come
         first in their original order, then the sub-objects.
-    merged_ref : dict
-        ``ids`` (final indices of sub-objects) and their core barycentres ``x, y``, which
-        SExtractor keeps as the positions of deblended objects.
+    merged_ref : dict or None
+        None when nothing was split; else ``ids`` (final indices of sub-objects), their
+        core barycentres ``x, y`` (SExtractor keeps them as the positions of deblended
+        objects) and ``gathered`` (pixels handed out below the cores).
     """
     ndi = ndimage_of(xp)
     n_obj = pix["n"]
     obj = pix["obj"]
     min_branch = min(minarea, _MAX_DEBLEND_AREA)
-    conv_img = xp.zeros(pix["shape"][0] * pix["shape"][1], dtype=xp.float32)
-    conv_img[pix["lin"]] = pix["c"]
-    peaks = _local_peaks(xp, pix, detected, conv_img.reshape(pix["shape"]))
+    peaks = _local_peaks(xp, pix, detected, conv)
     n_peaks = segment_sum(xp, obj, n_obj, peaks.astype(xp.float64))
     cand_idx = xp.flatnonzero(n_peaks >= 2)
-    no_split = {"ids": xp.zeros(0, dtype=xp.int64)}
     if cand_idx.size == 0:
-        return obj, no_split
+        return obj, None
 
     fdpeak = segment_max(xp, obj, n_obj, pix["c"].astype(xp.float64))
     fdflux = segment_sum(xp, obj, n_obj, pix["c"])
@@ -545,7 +550,7 @@ def _deblend(xp, pix, detected, obj_thresh, nthresh: int, cont: float, minarea: 
 
     split_cand = ~ok[:nc]
     if not bool(split_cand.any()):
-        return obj, no_split
+        return obj, None
 
     # pixels of the cores
     core_ids = xp.flatnonzero(core)
@@ -642,14 +647,19 @@ def _gather_chunk(xp, rest, ci, reps, first, core_order, sx, sy, mom, abcor, amp
 # --------------------------------------------------------------------------- measurement
 
 
-def _moments(xp, ids, n, x, y, w, xref=None, yref=None):
-    """Weighted barycentre and second moments per segment, SExtractor's conventions."""
+def _moments(xp, ids, n, x, y, w, ref=None):
+    """Weighted barycentre and second moments per segment, SExtractor's conventions.
+
+    ``ref`` (``ids``, ``x``, ``y``) replaces the barycentre of those segments: SExtractor
+    keeps a deblended object's core barycentre and takes its moments about that point.
+    """
     wsum = segment_sum(xp, ids, n, w)
     safe = xp.where(wsum != 0, wsum, 1.0)
     mx = segment_sum(xp, ids, n, w * x) / safe
     my = segment_sum(xp, ids, n, w * y) / safe
-    if xref is not None:
-        mx, my = xref, yref
+    if ref is not None:
+        mx[ref["ids"]] = ref["x"]
+        my[ref["ids"]] = ref["y"]
     dx = x - mx[ids]
     dy = y - my[ids]
     x2 = segment_sum(xp, ids, n, w * dx * dx) / safe
@@ -704,20 +714,9 @@ def _measure(xp, pix, owner, n, obj_thresh, merged_ref, err_scalar, gain, shape)
     parent = segment_max(xp, owner, n, pix["obj"])  # the detection each object came from
     thresh = obj_thresh[parent]
     merged = xp.zeros(n, dtype=bool)
-    xref = yref = None
-    if merged_ref is not None and merged_ref["ids"].size:
+    if merged_ref is not None:
         merged[merged_ref["ids"]] = True
-        first = segment_sum(xp, owner, n, c * x) / xp.where(
-            segment_sum(xp, owner, n, c) != 0, segment_sum(xp, owner, n, c), 1.0
-        )
-        second = segment_sum(xp, owner, n, c * y) / xp.where(
-            segment_sum(xp, owner, n, c) != 0, segment_sum(xp, owner, n, c), 1.0
-        )
-        xref = first.copy()
-        yref = second.copy()
-        xref[merged_ref["ids"]] = merged_ref["x"]
-        yref[merged_ref["ids"]] = merged_ref["y"]
-    mom = _moments(xp, owner, n, x, y, c, xref, yref)
+    mom = _moments(xp, owner, n, x, y, c, merged_ref)
     rv = mom["wsum"]
     rv2 = xp.where(rv != 0, rv * rv, 1.0)
     if "var" in pix:
@@ -845,8 +844,6 @@ def _clean(table, mthresh, beta: float) -> np.ndarray:
     ``mthresh(ids)`` gives SExtractor's ``mthresh`` of the objects ``ids``; it is asked only
     for objects some neighbour's profile reaches, since it needs their sorted pixels.
     """
-    from scipy.spatial import cKDTree
-
     x = np.asarray(to_host(table["x"]), dtype=np.float64)
     y = np.asarray(to_host(table["y"]), dtype=np.float64)
     a = np.asarray(to_host(table["a"]), dtype=np.float64)
@@ -866,15 +863,9 @@ def _clean(table, mthresh, beta: float) -> np.ndarray:
         amp = flux / (2 * unitarea * abcor)
         alpha = (np.power(amp / thresh, 1.0 / beta) - 1) * unitarea / npix
 
-    # candidate pairs: d < CLEAN_ZONE (a_i + a_j) <= 2 CLEAN_ZONE max(a_i, a_j)
-    tree = cKDTree(np.column_stack([x, y]))
-    radius = 2 * _CLEAN_ZONE * a
-    hits = tree.query_ball_point(np.column_stack([x, y]), r=radius, return_sorted=False)
-    counts = np.fromiter((len(h) for h in hits), dtype=np.int64, count=n)
-    if counts.sum() == 0:
+    i, j = _pairs_within(x, y, 2 * _CLEAN_ZONE * a)
+    if i.size == 0:
         return survives
-    i = np.repeat(np.arange(n), counts)
-    j = np.concatenate([np.asarray(h, dtype=np.int64) for h in hits])
     pairs = np.unique(np.column_stack([np.minimum(i, j), np.maximum(i, j)]), axis=0)
     i, j = pairs[:, 0], pairs[:, 1]
     keep = i != j
@@ -908,6 +899,26 @@ def _clean(table, mthresh, beta: float) -> np.ndarray:
         if alive_at_step and survives[jj]:
             survives[pp] = False
     return survives
+
+
+def _pairs_within(x, y, radius):
+    """Index pairs (i, j) with distance <= radius[i] (a superset is fine), no per-object loop.
+
+    Objects are grouped by their radius rounded up to a power of two; each group queries
+    the k-d tree of all objects once with that radius (a few groups, not one per object).
+    """
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.column_stack([x, y]))
+    bucket = np.ceil(np.log2(np.maximum(radius, 1.0))).astype(np.int64)
+    found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for b in np.unique(bucket):
+        members = np.flatnonzero(bucket == b)
+        sub = cKDTree(np.column_stack([x[members], y[members]]))
+        hits = sub.sparse_distance_matrix(tree, 2.0**b, output_type="ndarray")
+        found_i.append(members[hits["i"]])
+        found_j.append(hits["j"].astype(np.int64))
+    return np.concatenate(found_i), np.concatenate(found_j)
 
 
 def _fwhm(xp, pix, owner, n, peak):
