@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import run_in_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -349,16 +349,7 @@ def test_backends_agree(xp, interpolation, estimator):
 def test_threads_give_identical_results():
     image = _noisy_sky((256, 256), seed=8)
     expected = estimate_background(image, box=32).background
-    results = []
-
-    def work():
-        results.append(estimate_background(image, box=32).background)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads(lambda _: estimate_background(image, box=32).background, range(4))
     assert len(results) == 4
     for r in results:
         np.testing.assert_array_equal(r, expected)

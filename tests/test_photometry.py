@@ -10,13 +10,12 @@ catalog the tolerances are those of SEP's own ``test.py``.
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import IMAGECAT_DTYPE
+from conftest import IMAGECAT_DTYPE, run_in_threads
 
 from dagpre.backend import to_host
 from dagpre.ops.photometry import (
@@ -513,17 +512,12 @@ def test_threads_give_identical_results():
     image = _random_field()
     x, y, r = _random_apertures(3000, image.shape, seed=9)
     ref = aperture_photometry(image, x, y, r, err=1.0, threads=1)
-    out = {}
-
-    def work(k):  # each caller also splits its chunks over its own threads
-        out[k] = aperture_photometry(image, x, y, r, err=1.0, threads=2)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for res in out.values():
+    # each caller also splits its chunks over its own threads
+    out = run_in_threads(
+        lambda _: aperture_photometry(image, x, y, r, err=1.0, threads=2), range(4)
+    )
+    assert len(out) == 4
+    for res in out:
         np.testing.assert_array_equal(res.flux, ref.flux)
         np.testing.assert_array_equal(res.flag, ref.flag)
 

@@ -26,3 +26,12 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InputError(name, f"expected a positive integer, got {value!r}")
     return int(value)
+
+
+def check_threads(threads: Any) -> int | None:
+    """A CPU thread count: None (the step's default) or an integer >= 1 (bools refused)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise InputError("threads", f"expected a positive integer or None, got {threads!r}")
+    return int(threads)

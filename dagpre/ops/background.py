@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import ndimage_of, xp_of
+from dagpre.ops._checks import check_threads
 from dagpre.types import InputError
 
 __all__ = ["ESTIMATORS", "FILTER_EDGES", "INTERPOLATIONS", "Background", "estimate_background"]
@@ -195,8 +196,7 @@ def estimate_background(
         raise InputError("min_good_fraction", f"expected 0 < f <= 1, got {min_good_fraction!r}")
     if mask is not None and tuple(mask.shape) != tuple(image.shape):
         raise InputError("mask", f"shape {tuple(mask.shape)} differs from image {image.shape}")
-    if threads is not None and (int(threads) != threads or threads < 1):
-        raise InputError("threads", f"expected a positive integer or None, got {threads!r}")
+    threads = check_threads(threads)
 
     data = xp.asarray(image, dtype=xp.float32)
     if mask is not None:

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dagpre.backend import to_host, xp_of
-from dagpre.ops._checks import check_image
+from dagpre.ops._checks import check_image, check_threads
 from dagpre.types import Catalog, InputError
 
 __all__ = [
@@ -277,14 +277,6 @@ def _check_gain(gain: Any) -> float:
     return value
 
 
-def _check_threads(threads: Any) -> int | None:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
-        raise InputError("threads", f"expected a positive integer or None, got {threads!r}")
-    return int(threads)
-
-
 @dataclass(frozen=True)
 class _Pixels:
     """The image (and its noise and mask) flattened for gathering stamps."""
@@ -325,7 +317,7 @@ def _pixels(image, err=None, mask=None, threads=None) -> _Pixels:
                 "mask", f"shape {tuple(getattr(mask, 'shape', ()))} differs from image {shape}"
             )
         mask_flat = xp.ascontiguousarray(_on(xp, mask)).reshape(-1)
-    threads = _check_threads(threads)
+    threads = check_threads(threads)
     n_threads = 1 if xp is not np else threads or 1
     return _Pixels(xp, shape, data, err_flat, var, mask_flat, n_threads)
 
