@@ -1,4 +1,5 @@
-"""Shared timing for the benchmark scripts: median wall time after a warm-up.
+"""Shared pieces of the benchmark scripts: median wall time after a warm-up, a test frame,
+the machine line and the markdown table they print.
 
 The scripts run as ``python benchmarks/bench_<name>.py``, so this folder is on ``sys.path``
 and they import it as ``from _timing import median_seconds``.
@@ -6,9 +7,13 @@ and they import it as ``from _timing import median_seconds``.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 
 def median_seconds(
@@ -43,3 +48,36 @@ def median_seconds(
             sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def noisy_frame(size: int, sky: float = 0.0, seed: int = 0) -> np.ndarray:
+    """``size`` x ``size`` float32: Gaussian sky (``sky`` +- 15) plus a Pareto spray of sources."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(sky, 15.0, (size, size)).astype(np.float32)
+    n = size * size // 5000
+    ys, xs = rng.integers(0, size, n), rng.integers(0, size, n)
+    image[ys, xs] += rng.pareto(1.5, n).astype(np.float32) * 500.0
+    return image
+
+
+def machine() -> str:
+    """The machine and NumPy version, for the line above each table."""
+    return (
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"numpy {np.__version__}"
+    )
+
+
+def print_table(description: str, header: str, rows: Sequence[tuple]) -> None:
+    """Print ``machine: ...; description`` and a markdown table of median times.
+
+    Each row is ``(name, seconds)`` or ``(name, seconds, reference_seconds)``; with a
+    reference the table gets a ratio column headed ``header``.
+    """
+    print(f"machine: {machine()}; {description}")
+    ratios = any(len(row) > 2 for row in rows)
+    print("| step | median time (ms) |" + (f" {header} |" if ratios else ""))
+    print("| --- | ---: |" + (" ---: |" if ratios else ""))
+    for name, seconds, *ref in rows:
+        ratio = f" {seconds / ref[0]:.2f} |" if ref else (" |" if ratios else "")
+        print(f"| {name} | {seconds * 1e3:.1f} |{ratio}")

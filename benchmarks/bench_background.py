@@ -15,22 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 
-import numpy as np
-from _timing import median_seconds
+from _timing import median_seconds, noisy_frame, print_table
 
 from dagpre.backend import gpu_available
 from dagpre.ops.background import estimate_background
-
-
-def _frame(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = rng.normal(1000.0, 15.0, (size, size)).astype(np.float32)
-    n = size * size // 5000
-    ys, xs = rng.integers(0, size, n), rng.integers(0, size, n)
-    image[ys, xs] += rng.pareto(1.5, n).astype(np.float32) * 500.0
-    return image
 
 
 def main() -> None:
@@ -38,7 +27,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    image = _frame(args.size)
+    image = noisy_frame(args.size, sky=1000.0)
     rows = []
 
     def ours():
@@ -96,15 +85,11 @@ def main() -> None:
             )
         )
 
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{os.cpu_count()} CPUs, numpy {np.__version__}, sep {sep.__version__}; "
-        f"frame {args.size}x{args.size} float32, box 64, filter 3"
+    print_table(
+        f"sep {sep.__version__}; frame {args.size}x{args.size} float32, box 64, filter 3",
+        "ratio to SEP",
+        [(name, seconds, t_sep) for name, seconds in rows],
     )
-    print("| step | median time (ms) | ratio to SEP |")
-    print("| --- | ---: | ---: |")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / t_sep:.2f} |")
 
 
 if __name__ == "__main__":

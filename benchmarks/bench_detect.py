@@ -11,11 +11,9 @@ table with the machine; the CuPy row appears only where a GPU is usable.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import numpy as np
-from _timing import median_seconds
+from _timing import median_seconds, print_table
 
 import dagpre.simulate as sim
 from dagpre.backend import gpu_available
@@ -63,14 +61,11 @@ def main() -> None:
             )
         )
     ref = rows[1][1]
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"frame {args.size}x{args.size}, {args.stars} stars"
+    print_table(
+        f"sep {sep.__version__}; frame {args.size}x{args.size}, {args.stars} stars",
+        "vs sep.extract",
+        [(name, seconds, ref) for name, seconds in rows],
     )
-    print("| extraction | time (ms) | vs sep.extract |")
-    print("| --- | ---: | ---: |")
-    for name, t in rows:
-        print(f"| {name} | {t * 1e3:.0f} | {t / ref:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ a GPU is usable. Below the table: trail recall and false flags of the default ca
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import numpy as np
 import scipy
 import scipy.ndimage as ndi
-from _timing import median_seconds
+from _timing import median_seconds, print_table
 
 from dagpre import simulate
 from dagpre.backend import gpu_available
@@ -102,15 +100,12 @@ def main() -> None:
 
     flags = mask_saturation(image, SATURATE)
     n_sat = int(np.count_nonzero(image >= SATURATE))
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-        f"numpy {np.__version__}, scipy {scipy.__version__}; frame {args.size}x{args.size} "
-        f"float32, {args.stars} stars, {args.saturated} saturated ({n_sat} pixels >= saturate)"
+    print_table(
+        f"scipy {scipy.__version__}; frame {args.size}x{args.size} float32, {args.stars} "
+        f"stars, {args.saturated} saturated ({n_sat} pixels >= saturate)",
+        "",
+        rows,
     )
-    print("| step | median time (ms) |")
-    print("| --- | ---: |")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds * 1e3:.1f} |")
     recall, false_flags = quality(sim, frame, flags)
     print(
         f"\ndefault call: trail recall {recall:.4f} (truth BLEED pixels flagged BLEED or "

@@ -15,23 +15,12 @@ are against SEP in the same mode.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import numpy as np
-from _timing import median_seconds
+from _timing import median_seconds, noisy_frame, print_table
 
 from dagpre.backend import gpu_available
 from dagpre.ops.photometry import aperture_photometry, ellipse_photometry
-
-
-def _frame(size: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = rng.normal(0.0, 15.0, (size, size)).astype(np.float32)
-    n = size * size // 5000
-    ys, xs = rng.integers(0, size, n), rng.integers(0, size, n)
-    image[ys, xs] += rng.pareto(1.5, n).astype(np.float32) * 500.0
-    return image
 
 
 def main() -> None:
@@ -40,7 +29,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    image = _frame(args.size)
+    image = noisy_frame(args.size)
     rng = np.random.default_rng(1)
     x = rng.uniform(-2.0, args.size + 1.0, args.n)
     y = rng.uniform(-2.0, args.size + 1.0, args.n)
@@ -148,15 +137,12 @@ def main() -> None:
             )
         )
 
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, "
-        f"{os.cpu_count()} CPUs, numpy {np.__version__}, sep {sep.__version__}; "
-        f"frame {args.size}x{args.size} float32, {args.n} apertures r={r:g} px"
+    print_table(
+        f"sep {sep.__version__}; frame {args.size}x{args.size} float32, "
+        f"{args.n} apertures r={r:g} px",
+        "ratio to SEP (same mode)",
+        rows,
     )
-    print("| step | median time (ms) | ratio to SEP (same mode) |")
-    print("| --- | ---: | ---: |")
-    for name, seconds, ref in rows:
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / ref:.2f} |")
 
 
 if __name__ == "__main__":
