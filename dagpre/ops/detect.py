@@ -179,7 +179,9 @@ def detect_sources(
     xp = xp_of(image)
     _check_args(image, thresh, minarea, deblend_nthresh, deblend_cont, clean_param, filter_type)
     data, bad = _clean_input(xp, image, mask)
-    var, err_scalar = _variance(xp, err, data.shape, bad)
+    var, err_scalar = _variance(xp, err, data.shape)
+    if var is not None:
+        bad = bad | (var <= 0)  # non-finite or non-positive noise: unusable pixels
     kernel = _kernel(filter_kernel)
     conv, detected, thr_pix, thr_scalar = _detection_image(
         xp, data, bad, var, err_scalar, kernel, float(thresh), filter_type
@@ -290,8 +292,8 @@ def _clean_input(xp, image, mask):
     return data, bad
 
 
-def _variance(xp, err, shape, bad):
-    """Per-pixel variance map (or None) and the scalar noise (or None)."""
+def _variance(xp, err, shape):
+    """Per-pixel variance map (0 where ``err`` is unusable) or None, and the scalar noise."""
     if err is None:
         return None, None
     if isinstance(err, numbers.Real) and not isinstance(err, bool):
@@ -304,7 +306,6 @@ def _variance(xp, err, shape, bad):
         )
     e = xp.asarray(err, dtype=xp.float64)
     unusable = ~xp.isfinite(e) | (e <= 0)
-    bad |= unusable
     return xp.where(unusable, 0.0, e * e), None
 
 
@@ -355,7 +356,7 @@ def _detection_image(xp, data, bad, var, err_scalar, kernel, thresh, filter_type
     if kernel is None or filter_type == "conv":
         return conv, (conv > thr_pix) & ~bad, thr_pix, thresh
     knorm = (kernel / np.abs(kernel).sum()).astype(np.float64)
-    weight = xp.where(bad | (var <= 0), 0.0, 1.0 / xp.where(var > 0, var, 1.0))
+    weight = xp.where(bad, 0.0, 1.0 / xp.where(var > 0, var, 1.0))
     num = _correlate(xp, data.astype(xp.float64) * weight, knorm)
     den = xp.sqrt(_correlate(xp, weight, knorm * knorm))
     snr = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
