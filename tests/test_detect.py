@@ -350,6 +350,18 @@ def test_thread_safety():
             np.testing.assert_array_equal(got[name], want[name])
 
 
+@pytest.mark.parametrize("noise_map", [False, True])
+def test_catalog_does_not_depend_on_threads(noise_map):
+    """Filtering in row bands on 3 threads gives the catalog of one thread, bit for bit."""
+    data, bad, rms = _simulated(14, n_stars=300, size=700)[:3]
+    err = np.full(data.shape, rms, dtype=np.float32) if noise_map else rms
+    one = _host_table(detect_sources(data, 1.5, err=err, mask=bad, threads=1))
+    three = _host_table(detect_sources(data, 1.5, err=err, mask=bad, threads=3))
+    assert len(one["x"]) > 100
+    for name in one:
+        np.testing.assert_array_equal(three[name], one[name])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -362,6 +374,7 @@ def test_thread_safety():
         ({"filter_kernel": "gauss"}, "filter_kernel: expected 'default'"),
         ({"filter_kernel": np.ones((2, 2))}, "filter_kernel: expected a 2-D array of odd"),
         ({"err": -1.0}, "err: expected a positive finite noise"),
+        ({"threads": 0}, "threads: expected a positive integer or None"),
         ({"err": np.ones((3, 3))}, r"err: expected a scalar or shape \(8, 8\)"),
         ({"mask": np.ones((3, 3))}, r"mask: expected shape \(8, 8\)"),
         ({"clean_param": 0}, "clean_param: expected a positive number"),

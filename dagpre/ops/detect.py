@@ -41,12 +41,14 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from dagpre.backend import ndimage_of, to_host, xp_of
-from dagpre.ops._checks import check_image, check_positive_int
+from dagpre.ops._checks import check_image, check_positive_int, check_threads
 from dagpre.ops._segments import (
     segment_argmax,
     segment_argmin,
@@ -83,6 +85,8 @@ _MAX_DEBLEND_AREA = 3
 _EIGHT = np.ones((3, 3), dtype=bool)
 #: Pixel-to-core pairs evaluated at once in deblending (bounds memory, not the result).
 _MAX_PAIRS = 4_000_000
+#: Deblending re-packs its canvas when it is this many times larger than the pixels left.
+_REPACK_RATIO = 8
 
 
 # --------------------------------------------------------------------------- public API
@@ -117,6 +121,7 @@ def detect_sources(
     segmentation_map: bool = False,
     gain: float | None = None,
     wcs: Any = None,
+    threads: int | None = None,
 ) -> Catalog | tuple[Catalog, Any]:
     """Detect and measure sources in a background-subtracted image, as SExtractor does.
 
@@ -154,6 +159,9 @@ def detect_sources(
         Electrons per ADU, for the Poisson term of the position errors (SEP's ``gain``).
     wcs : astropy.wcs.WCS, optional
         Adds ``ra`` and ``dec`` (degrees) from the isophotal positions.
+    threads : int, optional
+        CPU threads for the filtering; None uses every CPU (``os.cpu_count()``), 1 runs in
+        the calling thread. The catalog does not depend on it. Ignored on CuPy.
 
     Returns
     -------
@@ -178,13 +186,14 @@ def detect_sources(
     """
     xp = xp_of(image)
     _check_args(image, thresh, minarea, deblend_nthresh, deblend_cont, clean_param, filter_type)
+    n_threads = check_threads(threads) or os.cpu_count() or 1
     data, bad = _clean_input(xp, image, mask)
     var, err_scalar = _variance(xp, err, data.shape)
     if var is not None:
         bad = bad | (var <= 0)  # non-finite or non-positive noise: unusable pixels
     kernel = _kernel(filter_kernel)
     conv, detected, thr_pix, thr_scalar = _detection_image(
-        xp, data, bad, var, err_scalar, kernel, float(thresh), filter_type
+        xp, data, bad, var, err_scalar, kernel, float(thresh), filter_type, n_threads
     )
 
     pix = _pixel_list(xp, detected, int(minarea))
@@ -206,8 +215,6 @@ def detect_sources(
         owner, merged_ref = _deblend(
             xp,
             pix,
-            detected,
-            conv,
             obj_thresh,
             int(deblend_nthresh),
             float(deblend_cont),
@@ -329,8 +336,32 @@ def _kernel(filter_kernel) -> np.ndarray | None:
     return k
 
 
-def _correlate(xp, image, kernel: np.ndarray):
-    """Zero-padded correlation (SEP's edge handling); separable kernels in two 1-D passes."""
+def _correlate(xp, image, kernel: np.ndarray, n_threads: int = 1):
+    """Zero-padded correlation (SEP's edge handling); separable kernels in two 1-D passes.
+
+    On the CPU the rows are cut into bands, each read with the kernel's reach of rows
+    around it and correlated on a thread (SciPy releases the GIL): every output pixel is
+    computed from the same inputs in the same order, so the result is bit-identical to one
+    call over the whole image, for any thread count.
+    """
+    if xp is not np or n_threads <= 1 or image.shape[0] < 64 * n_threads:
+        return _correlate_block(xp, image, kernel)
+    ny = image.shape[0]
+    below, above = kernel.shape[0] // 2, kernel.shape[0] - 1 - kernel.shape[0] // 2
+    edges = np.linspace(0, ny, 2 * n_threads + 1).astype(np.int64)
+    out = np.empty(image.shape, dtype=np.result_type(image.dtype, np.float32))
+
+    def band(i):
+        lo, hi = int(edges[i]), int(edges[i + 1])
+        r0, r1 = max(lo - below, 0), min(hi + above, ny)
+        out[lo:hi] = _correlate_block(np, image[r0:r1], kernel)[lo - r0 : hi - r0]
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(band, range(edges.size - 1)))
+    return out
+
+
+def _correlate_block(xp, image, kernel: np.ndarray):
     ndi = ndimage_of(xp)
     u, s, vt = np.linalg.svd(kernel.astype(np.float64))
     if s.size > 1 and s[1] <= 1e-7 * s[0]:
@@ -341,14 +372,15 @@ def _correlate(xp, image, kernel: np.ndarray):
     return ndi.correlate(image, xp.asarray(kernel, dtype=image.dtype), mode="constant", cval=0.0)
 
 
-def _detection_image(xp, data, bad, var, err_scalar, kernel, thresh, filter_type):
+def _detection_image(xp, data, bad, var, err_scalar, kernel, thresh, filter_type, n_threads):
     """Filtered image, detected pixels, per-pixel threshold (or None), scalar threshold.
 
     As SEP: the filtered values (``cdvalue``) are always the plain normalised convolution;
     with a per-pixel noise the threshold of a pixel is ``thresh`` times its own noise, and
     the matched filter only decides which pixels are detected (S/N above ``thresh``).
     """
-    conv = data if kernel is None else _correlate(xp, data, kernel / np.abs(kernel).sum())
+    norm = None if kernel is None else kernel / np.abs(kernel).sum()
+    conv = data if kernel is None else _correlate(xp, data, norm, n_threads)
     if var is None:
         thr = thresh if err_scalar is None else thresh * err_scalar
         return conv, (conv > thr) & ~bad, None, thr
@@ -357,8 +389,8 @@ def _detection_image(xp, data, bad, var, err_scalar, kernel, thresh, filter_type
         return conv, (conv > thr_pix) & ~bad, thr_pix, thresh
     knorm = (kernel / np.abs(kernel).sum()).astype(np.float64)
     weight = xp.where(bad, 0.0, 1.0 / xp.where(var > 0, var, 1.0))
-    num = _correlate(xp, data.astype(xp.float64) * weight, knorm)
-    den = xp.sqrt(_correlate(xp, weight, knorm * knorm))
+    num = _correlate(xp, data.astype(xp.float64) * weight, knorm, n_threads)
+    den = xp.sqrt(_correlate(xp, weight, knorm * knorm, n_threads))
     snr = xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0)
     return conv, (snr > thresh) & ~bad, thr_pix, thresh
 
@@ -398,35 +430,36 @@ def _pixel_list(xp, detected, minarea: int) -> dict:
 # --------------------------------------------------------------------------- deblending
 
 
-def _local_peaks(xp, pix, detected, conv):
-    """True for pixels not below any detected 8-neighbour in the filtered image."""
+def _local_peaks(xp, pix):
+    """True for pixels not below any detected 8-neighbour in the filtered image.
+
+    The filtered values of the detected pixels are scattered into a frame one pixel larger
+    on every side, -inf elsewhere, so each neighbour is one gather with no edge tests.
+    """
     ny, nx = pix["shape"]
-    y, x, lin = pix["y"], pix["x"], pix["lin"]
     c = pix["c"]
-    flat_det = detected.ravel()
-    flat_c = conv.ravel()
+    lin = (pix["y"] + 1) * (nx + 2) + (pix["x"] + 1)
+    padded = xp.full((ny + 2) * (nx + 2), -xp.inf, dtype=c.dtype)
+    padded[lin] = c
     peak = xp.ones(lin.shape, dtype=bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            if dy == 0 and dx == 0:
-                continue
-            inside = (y + dy >= 0) & (y + dy < ny) & (x + dx >= 0) & (x + dx < nx)
-            nb = xp.where(inside, lin + dy * nx + dx, 0)
-            higher = inside & flat_det[nb] & (flat_c[nb] > c)
-            peak &= ~higher
+            if dy or dx:
+                peak &= padded[lin + (dy * (nx + 2) + dx)] <= c
     return peak
 
 
-def _pack(xp, cand_idx, pix, sel):
-    """Canvas positions for the pixels of the candidate objects, shelf-packed in rows."""
-    obj = pix["obj"][sel]
-    y, x = pix["y"][sel], pix["x"][sel]
-    n = int(cand_idx.size)
-    ci = xp.searchsorted(cand_idx, obj)
-    ymin = segment_min(xp, ci, n, y)
-    ymax = segment_max(xp, ci, n, y)
-    xmin = segment_min(xp, ci, n, x)
-    xmax = segment_max(xp, ci, n, x)
+def _pack(xp, group, n: int, y, x):
+    """Canvas positions for pixels grouped by ``group`` (ids in ``[0, n)``), shelf-packed.
+
+    Each group's bounding box, plus a one-pixel gutter so groups never touch, is placed on
+    shelves of a canvas about 64 boxes wide. Returns the flat canvas index of every pixel
+    and the canvas shape.
+    """
+    ymin = segment_min(xp, group, n, y)
+    ymax = segment_max(xp, group, n, y)
+    xmin = segment_min(xp, group, n, x)
+    xmax = segment_max(xp, group, n, x)
     w = xmax - xmin + 2
     h = ymax - ymin + 2
     by_height = xp.argsort(-h, kind="stable")
@@ -444,12 +477,21 @@ def _pack(xp, cand_idx, pix, sel):
     y0[by_height] = y0_row[row]
     canvas_w = width + int(ws.max()) + 1
     canvas_h = int(row_h.sum()) + 1
-    cy = y0[ci] + (y - ymin[ci])
-    cx = x0[ci] + (x - xmin[ci])
-    return ci, cy * canvas_w + cx, (canvas_h, canvas_w)
+    cy = y0[group] + (y - ymin[group])
+    cx = x0[group] + (x - xmin[group])
+    return cy * canvas_w + cx, (canvas_h, canvas_w)
 
 
-def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, minarea: int):
+def _repack(xp, idx, ci, sx, sy):
+    """Canvas positions for the pixels ``idx`` only, grouped by their candidate ``ci``."""
+    g = ci[idx]
+    present = xp.zeros(int(ci.max()) + 1, dtype=bool)
+    present[g] = True
+    dense = xp.cumsum(present) - 1
+    return _pack(xp, dense[g], int(present.sum()), sy[idx], sx[idx])
+
+
+def _deblend(xp, pix, obj_thresh, nthresh: int, cont: float, minarea: int):
     """SExtractor's multi-threshold deblending; returns the final owner of every pixel.
 
     Returns
@@ -466,7 +508,7 @@ def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, min
     n_obj = pix["n"]
     obj = pix["obj"]
     min_branch = min(minarea, _MAX_DEBLEND_AREA)
-    peaks = _local_peaks(xp, pix, detected, conv)
+    peaks = _local_peaks(xp, pix)
     n_peaks = segment_sum(xp, obj, n_obj, peaks.astype(xp.float64))
     cand_idx = xp.flatnonzero(n_peaks >= 2)
     if cand_idx.size == 0:
@@ -476,7 +518,9 @@ def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, min
     fdflux = segment_sum(xp, obj, n_obj, pix["c"])
     sel = (n_peaks >= 2)[obj]
     sel_idx = xp.flatnonzero(sel)
-    ci, canvas_idx, canvas_shape = _pack(xp, cand_idx, pix, sel)
+    ci = xp.searchsorted(cand_idx, obj[sel])
+    sx, sy = pix["x"][sel], pix["y"][sel]
+    canvas_idx, canvas_shape = _pack(xp, ci, int(cand_idx.size), sy, sx)
     cc = pix["c"][sel].astype(xp.float64)
     cpeak = peaks[sel]
     nc = int(cand_idx.size)
@@ -501,6 +545,9 @@ def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, min
         act_idx, act_parent = live[above], live_node[above]
         if act_idx.size == 0:
             break
+        if canvas.size > _REPACK_RATIO * act_idx.size:  # most of the canvas is empty now
+            canvas_idx[act_idx], canvas_shape = _repack(xp, act_idx, ci, sx, sy)
+            canvas = xp.zeros(canvas_shape[0] * canvas_shape[1], dtype=bool)
         spots = canvas_idx[act_idx]
         canvas[spots] = True
         lab, m = ndi.label(canvas.reshape(canvas_shape), structure=structure)
@@ -567,8 +614,8 @@ def _deblend(xp, pix, detected, conv, obj_thresh, nthresh: int, cont: float, min
         pix_core[idx[hit]] = r[hit]
 
     # SExtractor's gatherup: shape and amplitude of each core
-    sx = pix["x"][sel].astype(xp.float64)
-    sy = pix["y"][sel].astype(xp.float64)
+    sx = sx.astype(xp.float64)
+    sy = sy.astype(xp.float64)
     sv = pix["v"][sel].astype(xp.float64)
     in_core = pix_core >= 0
     cidx = pix_core[in_core]
@@ -864,18 +911,18 @@ def _clean(table, mthresh, beta: float) -> np.ndarray:
         amp = flux / (2 * unitarea * abcor)
         alpha = (np.power(amp / thresh, 1.0 / beta) - 1) * unitarea / npix
 
+    # a pair is near when d <= ZONE (a_i + a_j) <= 2 ZONE max(a_i, a_j): query each object
+    # with 2 ZONE a and keep a pair only from its larger-a side (ties: the lower index)
     i, j = _pairs_within(x, y, 2 * _CLEAN_ZONE * a)
-    if i.size == 0:
-        return survives
-    pairs = np.unique(np.column_stack([np.minimum(i, j), np.maximum(i, j)]), axis=0)
-    i, j = pairs[:, 0], pairs[:, 1]
-    keep = i != j
-    i, j = i[keep], j[keep]
+    own_side = (a[i] > a[j]) | ((a[i] == a[j]) & (i < j))
+    i, j = i[own_side], j[own_side]
+    i, j = np.minimum(i, j), np.maximum(i, j)
     dx = (x[i] - x[j]).astype(np.float32).astype(np.float64)
     dy = (y[i] - y[j]).astype(np.float32).astype(np.float64)
     rlim = (a[i] + a[j]) ** 2
     near = dx * dx + dy * dy <= rlim * _CLEAN_ZONE * _CLEAN_ZONE
-    i, j, dx, dy = i[near], j[near], dx[near], dy[near]
+    order = np.argsort(i[near] * n + j[near], kind="stable")  # SExtractor's loop order
+    i, j, dx, dy = i[near][order], j[near][order], dx[near][order], dy[near][order]
     big_i = flux[j] < flux[i]
     e = np.where(big_i, i, j)  # the eater
     prey = np.where(big_i, j, i)
