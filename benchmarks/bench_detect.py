@@ -45,6 +45,10 @@ def main() -> None:
             median_seconds(lambda: detect_sources(data, 1.5, err=rms), args.repeat),
         ),
         (
+            "dagpre numpy, threads=1",
+            median_seconds(lambda: detect_sources(data, 1.5, err=rms, threads=1), args.repeat),
+        ),
+        (
             f"sep.extract ({n_sep} objects)",
             median_seconds(lambda: sep.extract(data, 1.5, err=rms), args.repeat),
         ),
@@ -60,7 +64,7 @@ def main() -> None:
                 median_seconds(lambda: detect_sources(dev, 1.5, err=rms), args.repeat, sync=sync),
             )
         )
-    ref = rows[1][1]
+    ref = rows[2][1]
     print_table(
         f"sep {sep.__version__}; frame {args.size}x{args.size}, {args.stars} stars",
         "vs sep.extract",

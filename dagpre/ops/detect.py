@@ -160,8 +160,9 @@ def detect_sources(
     wcs : astropy.wcs.WCS, optional
         Adds ``ra`` and ``dec`` (degrees) from the isophotal positions.
     threads : int, optional
-        CPU threads for the filtering; None uses every CPU (``os.cpu_count()``), 1 runs in
-        the calling thread. The catalog does not depend on it. Ignored on CuPy.
+        CPU threads for the filtering and the deblending; None uses every CPU
+        (``os.cpu_count()``), 1 runs in the calling thread. The catalog does not depend on
+        it, bit for bit. Ignored on CuPy.
 
     Returns
     -------
@@ -212,13 +213,14 @@ def detect_sources(
     owner = pix["obj"]
     merged_ref = None
     if n_obj and deblend_cont < 1.0 and deblend_nthresh > 1:
-        owner, merged_ref = _deblend(
+        owner, merged_ref = _deblend_in_groups(
             xp,
             pix,
             obj_thresh,
             int(deblend_nthresh),
             float(deblend_cont),
             int(minarea),
+            n_threads,
         )
     n_final = int(owner.max()) + 1 if owner.size else 0
     table = _measure(xp, pix, owner, n_final, obj_thresh, merged_ref, err_scalar, gain, data.shape)
@@ -434,12 +436,14 @@ def _local_peaks(xp, pix):
     """True for pixels not below any detected 8-neighbour in the filtered image.
 
     The filtered values of the detected pixels are scattered into a frame one pixel larger
-    on every side, -inf elsewhere, so each neighbour is one gather with no edge tests.
+    on every side (over the rows they span), -inf elsewhere, so each neighbour is one
+    gather with no edge tests.
     """
-    ny, nx = pix["shape"]
+    nx = pix["shape"][1]
     c = pix["c"]
-    lin = (pix["y"] + 1) * (nx + 2) + (pix["x"] + 1)
-    padded = xp.full((ny + 2) * (nx + 2), -xp.inf, dtype=c.dtype)
+    y0 = int(pix["y"].min())  # only the rows these pixels span
+    lin = (pix["y"] - y0 + 1) * (nx + 2) + (pix["x"] + 1)
+    padded = xp.full((int(pix["y"].max()) - y0 + 3) * (nx + 2), -xp.inf, dtype=c.dtype)
     padded[lin] = c
     peak = xp.ones(lin.shape, dtype=bool)
     for dy in (-1, 0, 1):
@@ -491,6 +495,53 @@ def _repack(xp, idx, ci, sx, sy):
     return _pack(xp, dense[g], int(present.sum()), sy[idx], sx[idx])
 
 
+def _deblend_in_groups(xp, pix, obj_thresh, nthresh, cont, minarea, n_groups: int):
+    """:func:`_deblend` over groups of whole objects, on threads; the catalog is unchanged.
+
+    Objects deblend independently, so the pixel list (sorted by object) is cut at object
+    boundaries into ``n_groups`` runs of about equal pixel counts, each deblended on its own
+    thread, and the owners are renumbered group after group. Within an object every step
+    sees the same pixels in the same order as one call would, and the final row order is
+    set later from the objects' positions alone, so the catalog is bit-identical for any
+    ``n_groups``.
+    """
+    n_obj = pix["n"]
+    if xp is not np or n_groups <= 1 or n_obj < 2 * n_groups:
+        return _deblend(xp, pix, obj_thresh, nthresh, cont, minarea)
+    starts = np.concatenate([[0], np.cumsum(pix["count"])])
+    cuts = np.searchsorted(starts, np.linspace(0, starts[-1], n_groups + 1)[1:-1])
+    edges = np.unique(np.concatenate([[0], cuts, [n_obj]]))
+
+    def run(g):
+        o0, o1 = int(edges[g]), int(edges[g + 1])
+        p0, p1 = int(starts[o0]), int(starts[o1])
+        sub = {k: pix[k][p0:p1] for k in ("x", "y", "c", "v")}
+        sub.update(n=o1 - o0, obj=pix["obj"][p0:p1] - o0, shape=pix["shape"])
+        return _deblend(xp, sub, obj_thresh[o0:o1], nthresh, cont, minarea)
+
+    with ThreadPoolExecutor(min(n_groups, edges.size - 1)) as pool:
+        parts = list(pool.map(run, range(edges.size - 1)))
+    owners, refs, offset = [], [], 0
+    for (owner, ref), g in zip(parts, range(edges.size - 1), strict=True):
+        owners.append(owner + offset)
+        n_pix = int(starts[edges[g + 1]] - starts[edges[g]])
+        if ref is not None:
+            refs.append({**ref, "ids": ref["ids"] + offset})
+        else:
+            refs.append(
+                {
+                    "ids": np.zeros(0, np.int64),
+                    "x": np.zeros(0),
+                    "y": np.zeros(0),
+                    "gathered": np.zeros(n_pix, dtype=bool),
+                }
+            )
+        offset += int(owner.max()) + 1
+    if all(ref is None for _, ref in parts):
+        return np.concatenate(owners), None
+    return np.concatenate(owners), {k: np.concatenate([r[k] for r in refs]) for k in refs[0]}
+
+
 def _deblend(xp, pix, obj_thresh, nthresh: int, cont: float, minarea: int):
     """SExtractor's multi-threshold deblending; returns the final owner of every pixel.
 
@@ -540,8 +591,10 @@ def _deblend(xp, pix, obj_thresh, nthresh: int, cont: float, minarea: int):
     live_node = ci.copy()  # the node each live pixel belongs to at the previous level
     canvas = xp.zeros(canvas_shape[0] * canvas_shape[1], dtype=bool)
     structure = xp.asarray(_EIGHT)
+    value0 = cont * fdflux[cand_idx]
     for k in range(1, nthresh):
-        above = cc[live] > (t0 * ratio ** (k / nthresh))[ci[live]]
+        t_k = t0 * ratio ** (k / nthresh)
+        above = cc[live] > t_k[ci[live]]
         act_idx, act_parent = live[above], live_node[above]
         if act_idx.size == 0:
             break
@@ -563,14 +616,22 @@ def _deblend(xp, pix, obj_thresh, nthresh: int, cont: float, minarea: int):
         node_level.append(xp.full(n_big, k, dtype=xp.int64))
         node_parent.append(parent_of[big])
         node_npix.append(size[big])
-        node_flux.append(xp.bincount(comp, weights=cc[act_idx], minlength=m)[big])
+        comp_flux = xp.bincount(comp, weights=cc[act_idx], minlength=m)
+        node_flux.append(comp_flux[big])
         cand_of = xp.zeros(m, dtype=xp.int64)
         cand_of[comp] = ci[act_idx]
         node_cand.append(cand_of[big])
         n_nodes += n_big
         in_big = big[comp]
         members.append((act_idx[in_big], new_ids[comp[in_big]]))
-        splittable = big & (xp.bincount(comp, weights=cpeak[act_idx], minlength=m) >= 2)
+        # a split below this component needs two disjoint branches each holding more than
+        # value0 above their (higher) level, so more than 2 value0 here: else stop now
+        excess = comp_flux - t_k[cand_of] * size
+        splittable = (
+            big
+            & (xp.bincount(comp, weights=cpeak[act_idx], minlength=m) >= 2)
+            & (excess > 2.0 * value0[cand_of] * (1.0 - 1e-9))
+        )
         go_on = splittable[comp]
         live, live_node = act_idx[go_on], new_ids[comp[go_on]]
 
@@ -579,7 +640,6 @@ def _deblend(xp, pix, obj_thresh, nthresh: int, cont: float, minarea: int):
     npix = xp.concatenate(node_npix)
     flux = xp.concatenate(node_flux)
     cand = xp.concatenate(node_cand)
-    value0 = cont * fdflux[cand_idx]
     t_node = xp.where(level == 0, t0[cand], t0[cand] * ratio[cand] ** (level / nthresh))
     passes = (flux - t_node * npix) > value0[cand]
     ok = xp.ones(n_nodes, dtype=bool)
