@@ -89,6 +89,36 @@ def test_image_cat_photometry_on_dagpre_objects(sep_image):
     assert_allclose(yw, ref["ywin"] - 1.0, atol=1.5e-3)
 
 
+def test_auto_columns_match_image_cat(sep_image):
+    """``auto_columns=True``: the photometry functions' values, SExtractor's within SEP's bars.
+
+    image.cat used PHOT_AUTOPARAMS 2.5, 0.0 and dagpre defaults to SExtractor's 2.5, 3.5,
+    so AUTO-dependent columns are compared where the Kron ellipse is above 3.5 in both.
+    """
+    from dagpre.ops.photometry import kron_photometry
+
+    data, rms, ref = sep_image
+    cat = _host_table(detect_sources(data, 1.5, err=rms, deblend_cont=1.0, auto_columns=True))
+    plain = _host_table(detect_sources(data, 1.5, err=rms, deblend_cont=1.0))
+    assert "xwin" not in plain
+    for name in plain:
+        np.testing.assert_array_equal(cat[name], plain[name], err_msg=name)
+    auto = kron_photometry(data, cat, err=rms)
+    np.testing.assert_array_equal(cat["flux_auto"], auto.flux)
+    np.testing.assert_array_equal(cat["kron_radius"], auto.kron_factor)
+    mine, theirs = np.argsort(cat["y"]), np.arange(len(ref))  # ref is sorted by y
+    assert len(mine) == len(ref)
+    big = (ref["kron_radius"][theirs] > 3.5) & (cat["kron_radius"][mine] > 3.5)
+    assert big.sum() > 40
+    assert_allclose(cat["kron_radius"][mine][big], ref["kron_radius"][theirs][big], atol=0.01)
+    assert_allclose(cat["flux_auto"][mine][big], ref["flux_auto"][theirs][big], rtol=5e-4)
+    assert_allclose(
+        cat["flux_radius"][mine][big], ref["flux_radius"][theirs, 1][big], rtol=0.04, atol=0.01
+    )
+    assert_allclose(cat["xwin"][mine][big], ref["xwin"][theirs][big] - 1.0, atol=1.5e-3)
+    assert_allclose(cat["ywin"][mine][big], ref["ywin"][theirs][big] - 1.0, atol=1.5e-3)
+
+
 @pytest.mark.parametrize("clean", [True, False])
 def test_same_catalog_as_sep_without_deblending(sep_image, clean):
     """Same objects, same order, every column within 1e-5 of sep.extract on the same pixels."""

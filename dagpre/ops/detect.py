@@ -121,6 +121,7 @@ def detect_sources(
     segmentation_map: bool = False,
     gain: float | None = None,
     wcs: Any = None,
+    auto_columns: bool = False,
     threads: int | None = None,
 ) -> Catalog | tuple[Catalog, Any]:
     """Detect and measure sources in a background-subtracted image, as SExtractor does.
@@ -159,8 +160,19 @@ def detect_sources(
         Electrons per ADU, for the Poisson term of the position errors (SEP's ``gain``).
     wcs : astropy.wcs.WCS, optional
         Adds ``ra`` and ``dec`` (degrees) from the isophotal positions.
+    auto_columns : bool
+        Also measure SExtractor's aperture columns on the image (SExtractor's defaults):
+        ``kron_radius`` (KRON_RADIUS, the scale of the AUTO ellipse in units of ``a, b``),
+        ``flux_auto, fluxerr_auto, flag_auto`` (PHOT_AUTOPARAMS 2.5, 3.5, circular
+        fallback of radius 1.75 px), ``flux_radius`` (px, half of FLUX_AUTO, within
+        ``6 a``) and the windowed centroids ``xwin, ywin, flag_win`` (Gaussian window of
+        sigma ``flux_radius / 1.175``); see :func:`~dagpre.ops.photometry.kron_photometry`,
+        :func:`~dagpre.ops.photometry.flux_radius`, :func:`~dagpre.ops.photometry.winpos`.
+        Off by default: they cost more than the extraction itself (about 20 s for 16,000
+        objects on a 4096^2 frame on 2 cores, where extraction takes 2 s); without them the
+        catalog has the isophotal columns, as ``sep.extract``.
     threads : int, optional
-        CPU threads for the filtering and the deblending; None uses every CPU
+        CPU threads for the filtering, the deblending and the aperture columns; None uses every CPU
         (``os.cpu_count()``), 1 runs in the calling thread. The catalog does not depend on
         it, bit for bit. Ignored on CuPy.
 
@@ -244,6 +256,8 @@ def detect_sources(
         n_final = int(keep.sum())
 
     table["fwhm"] = _fwhm(xp, pix, owner, n_final, table["peak"])
+    if auto_columns and n_final:
+        table.update(_auto_columns(data, table, err, bad, gain, n_threads))
     if wcs is not None:
         ra, dec = wcs.pixel_to_world_values(to_host(table["x"]), to_host(table["y"]))
         table["ra"] = xp.asarray(np.asarray(ra, dtype=np.float64))
@@ -264,6 +278,31 @@ def detect_sources(
     kept = owner >= 0
     segmap[pix["lin"][kept]] = (owner[kept] + 1).astype(xp.int32)
     return catalog, segmap.reshape(data.shape)
+
+
+def _auto_columns(data, table, err, bad, gain, n_threads) -> dict:
+    """SExtractor's AUTO, FLUX_RADIUS and windowed columns from the aperture functions."""
+    from dagpre.ops.photometry import flux_radius, kron_photometry, winpos
+
+    mask = bad if bool(bad.any()) else None
+    auto = kron_photometry(data, table, err=err, mask=mask, gain=gain, threads=n_threads)
+    half, _ = flux_radius(
+        data, table["x"], table["y"], 6.0 * table["a"], 0.5,
+        normflux=auto.flux, mask=mask, threads=n_threads,
+    )  # fmt: skip
+    xwin, ywin, flag_win = winpos(
+        data, table["x"], table["y"], half / 1.175, mask=mask, threads=n_threads
+    )
+    return {
+        "kron_radius": auto.kron_factor,
+        "flux_auto": auto.flux,
+        "fluxerr_auto": auto.fluxerr,
+        "flag_auto": auto.flag,
+        "flux_radius": half,
+        "xwin": xwin,
+        "ywin": ywin,
+        "flag_win": flag_win,
+    }
 
 
 # --------------------------------------------------------------------------- inputs
