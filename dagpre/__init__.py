@@ -41,6 +41,11 @@ _LAZY = {
     "flux_radius": "dagpre.ops.photometry:flux_radius",
     "kron_radius": "dagpre.ops.photometry:kron_radius",
     "winpos": "dagpre.ops.photometry:winpos",
+    "find_transform": "dagpre.ops.starmatch:find_transform",
+    "find_stars": "dagpre.ops.starmatch:find_stars",
+    "Transform": "dagpre.ops.starmatch:Transform",
+    "xcorr_shift": "dagpre.ops.xcorr:xcorr_shift",
+    "XcorrShift": "dagpre.ops.xcorr:XcorrShift",
 }
 
 __all__ = [
