@@ -46,6 +46,15 @@ _LAZY = {
     "Transform": "dagpre.ops.starmatch:Transform",
     "xcorr_shift": "dagpre.ops.xcorr:xcorr_shift",
     "XcorrShift": "dagpre.ops.xcorr:XcorrShift",
+    "reproject": "dagpre.ops.warp:reproject",
+    "warp_affine": "dagpre.ops.warp:warp_affine",
+    "warp_coords": "dagpre.ops.warp:warp_coords",
+    "Warped": "dagpre.ops.warp:Warped",
+    "pixel_map": "dagpre.ops.wcsmap:pixel_map",
+    "solve_pixel_map": "dagpre.ops.wcsmap:solve_pixel_map",
+    "pixel_to_pixel": "dagpre.ops.wcsmap:pixel_to_pixel",
+    "align": "dagpre.ops.align:align",
+    "Aligned": "dagpre.ops.align:Aligned",
 }
 
 __all__ = [

@@ -35,3 +35,14 @@ def check_threads(threads: Any) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise InputError("threads", f"expected a positive integer or None, got {threads!r}")
     return int(threads)
+
+
+def check_shape(shape: Any, name: str) -> tuple[int, int]:
+    """``shape`` as ``(ny, nx)``, or an error unless it is two positive integers."""
+    try:
+        ny, nx = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise InputError(name, f"expected (ny, nx), got {shape!r}") from None
+    if ny < 1 or nx < 1 or (ny, nx) != tuple(shape):
+        raise InputError(name, f"expected two positive integers (ny, nx), got {shape!r}")
+    return ny, nx
