@@ -1,6 +1,6 @@
-"""The ``dagpre`` command: ``dagpre --version``, ``dagpre simulate OUTDIR ...``.
+"""The ``dagpre`` command: ``simulate``, ``run WORKFLOW``, ``info STORE``, ``demo``.
 
-The pipeline adds ``demo`` and ``run`` when it lands. Errors that dagpre raises on purpose
+Errors that dagpre raises on purpose
 (:class:`~dagpre.types.DagpreError`) are printed as one line and exit with status 2; anything
 else is a bug and keeps its traceback.
 """
@@ -73,7 +73,100 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--overwrite", action="store_true", help="replace existing files")
     sim.set_defaults(handler=_cmd_simulate)
+
+    run = commands.add_parser(
+        "run",
+        help="run a workflow (YAML) on a cluster into its Zarr store",
+        description="Run a workflow: frames -> Dask graph -> Zarr store. An existing store "
+        "is resumed (frames already done are skipped) unless store.overwrite is true.",
+    )
+    run.add_argument("workflow", type=Path, help="the workflow file (see workflows/)")
+    run.add_argument("--scheduler", metavar="ADDR", help="a running scheduler's address")
+    run.set_defaults(handler=_cmd_run)
+
+    info = commands.add_parser("info", help="summarise a dagpre store")
+    info.add_argument("store", type=Path, help="the store folder (.zarr)")
+    info.set_defaults(handler=_cmd_info)
+
+    demo = commands.add_parser(
+        "demo",
+        help="simulate a small night and run workflows/demo.yaml on it",
+        description="The main job on built-in data: simulate a night (variable stars, "
+        "transients), run the demo workflow on a local cluster, print a summary checked "
+        "against the simulator's truth, and write quicklook PNGs.",
+    )
+    demo.add_argument("--workdir", type=Path, default=Path("dagpre-demo"), help="(dagpre-demo)")
+    demo.add_argument("--frames", type=_positive_int, default=20, help="frames (20)")
+    demo.add_argument("--size", type=_positive_int, default=1024, help="frame side (1024)")
+    demo.add_argument("--stars", type=_positive_int, default=2000, help="stars (2000)")
+    demo.add_argument("--workers", type=_positive_int, default=2, help="local workers (2)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _progress(text: str) -> None:
+    print(f"  {text}", flush=True)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from dagpre.pipeline.run import run_workflow
+    from dagpre.pipeline.workflow import load_workflow
+
+    workflow = load_workflow(args.workflow)
+    summary = run_workflow(workflow, scheduler=args.scheduler, progress=_progress)
+    print(_summary_text(summary))
+    return 0 if summary.rows or summary.skipped else 1
+
+
+def _summary_text(summary) -> str:
+    n = len(summary.rows)
+    per = summary.seconds / n if n else float("nan")
+    lines = [
+        f"frames: {summary.done} done, {len(summary.failed)} failed, {summary.skipped} "
+        f"already done; {summary.seconds:.1f} s ({per:.2f} s per frame computed)",
+    ]
+    lines += [f"  failed {r['path']}: {r['error']}" for r in summary.failed]
+    lines += [f"  left out: {k}: {v}" for k, v in summary.missing_steps.items()]
+    lines += [f"store: {s}" for s in summary.stores]
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dagpre.io import store as zs
+
+    root = zs.open_store(args.store, mode="r")
+    status = zs.frame_status(root)
+    print(f"{args.store}: dagpre {root.attrs['dagpre_version']}, {status.size} frames")
+    for name in ("pending", "done", "failed"):
+        print(f"  {name}: {int((status == name).sum())}")
+    errors = np.asarray(root["frames"]["error"][:].tolist(), dtype=str)
+    paths = np.asarray(root["frames"]["path"][:].tolist(), dtype=str)
+    for path, err in zip(paths[status == "failed"], errors[status == "failed"], strict=True):
+        print(f"    {path}: {err}")
+    for name in ("aligned", "difference", "variance", "mask"):
+        if name in root:
+            print(f"  {name}: {root[name].shape} {root[name].dtype}")
+    if "reference" in root:
+        n_src = root["reference"]["sources"]["x"].shape[0]
+        print(
+            f"  reference: {root['reference']['image'].shape}, {n_src} sources, from "
+            f"{len(root.attrs['reference_frames'])} frame(s)"
+        )
+    if "lightcurves" in root:
+        print(f"  lightcurves: {root['lightcurves']['flux'].shape} (source, frame)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dagpre.pipeline.demo import run_demo
+
+    return run_demo(
+        args.workdir, n_frames=args.frames, size=args.size, n_stars=args.stars,
+        n_workers=args.workers, seed=args.seed, say=_progress,
+    )  # fmt: skip
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
