@@ -55,6 +55,10 @@ _LAZY = {
     "pixel_to_pixel": "dagpre.ops.wcsmap:pixel_to_pixel",
     "align": "dagpre.ops.align:align",
     "Aligned": "dagpre.ops.align:Aligned",
+    "subtract": "dagpre.ops.subtract:subtract",
+    "Subtraction": "dagpre.ops.subtract:Subtraction",
+    "psf_photometry": "dagpre.ops.psfphot:psf_photometry",
+    "PSFPhotometry": "dagpre.ops.psfphot:PSFPhotometry",
 }
 
 __all__ = [
