@@ -50,6 +50,24 @@ def median_seconds(
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin so that a busy spell of a shared
+    machine slows every contender alike (one untimed warm-up call each first)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def noisy_frame(size: int, sky: float = 0.0, seed: int = 0) -> np.ndarray:
     """``size`` x ``size`` float32: Gaussian sky (``sky`` +- 15) plus a Pareto spray of sources."""
     rng = np.random.default_rng(seed)

@@ -4,7 +4,8 @@ Usage: ``python benchmarks/bench_detect.py [--size 4096] [--stars 20000] [--repe
 
 One simulated frame (Moffat PSF, 20,000 stars), background from dp.estimate_background,
 extraction at 1.5 sigma with SExtractor's defaults (3x3 filter, 32 levels, contrast 0.005,
-cleaning on) in both tools; median of ``--repeat`` runs after one warm-up. Prints a markdown
+cleaning on) in both tools; median of ``--repeat`` runs after one warm-up, the contenders
+timed in turn so that a busy spell of a shared machine slows them alike. Prints a markdown
 table with the machine; the CuPy row appears only where a GPU is usable.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _timing import median_seconds, print_table
+from _timing import interleaved_medians, median_seconds, print_table
 
 import dagpre.simulate as sim
 from dagpre.backend import gpu_available
@@ -39,20 +40,15 @@ def main() -> None:
 
     n_ours = len(detect_sources(data, 1.5, err=rms))
     n_sep = len(sep.extract(data, 1.5, err=rms))
-    rows = [
-        (
-            f"dagpre numpy ({n_ours} objects)",
-            median_seconds(lambda: detect_sources(data, 1.5, err=rms), args.repeat),
-        ),
-        (
-            "dagpre numpy, threads=1",
-            median_seconds(lambda: detect_sources(data, 1.5, err=rms, threads=1), args.repeat),
-        ),
-        (
-            f"sep.extract ({n_sep} objects)",
-            median_seconds(lambda: sep.extract(data, 1.5, err=rms), args.repeat),
-        ),
-    ]
+    medians = interleaved_medians(
+        {
+            f"dagpre numpy ({n_ours} objects)": lambda: detect_sources(data, 1.5, err=rms),
+            "dagpre numpy, threads=1": lambda: detect_sources(data, 1.5, err=rms, threads=1),
+            f"sep.extract ({n_sep} objects)": lambda: sep.extract(data, 1.5, err=rms),
+        },
+        args.repeat,
+    )
+    rows = list(medians.items())
     if gpu_available():
         import cupy
 
