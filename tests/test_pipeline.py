@@ -101,6 +101,9 @@ def test_every_frame_done_and_products_equal_the_eager_functions(full_run):
     np.testing.assert_array_equal(root["mask"][i], mask)
     var = bkg.rms**2 + np.maximum(data, 0) / np.float32(frame.meta["gain"])
     var_out = align(Frame(var.astype(np.float32), frame.mask, wcs=frame.wcs), ref).image
+    # bilinear resampling averages 4 pixels: the variance scales by sum of squared weights
+    fx, fy = (c - np.floor(c) for c in out.transform.full())
+    var_out = var_out * (((1 - fx) ** 2 + fx**2) * ((1 - fy) ** 2 + fy**2)).astype(np.float32)
     got_var = root["variance"][i]
     np.testing.assert_allclose(got_var[~off], var_out[~off], rtol=1e-6)
     assert np.isnan(got_var[off]).all()
@@ -245,3 +248,40 @@ def test_missing_steps_are_named_not_faked(night_dir):
         assert "subtract" in missing and "not in this build" in missing["subtract"]
     else:
         assert "subtract" not in missing
+
+
+def test_subtract_step_fills_the_difference_and_calibrated_light_curves(night_dir, client):
+    """With ``subtract``: difference cube at the noise, light curves on the reference scale."""
+    extra = "  subtract: {basis: gaussian, kernel_order: 1}\n"
+    base = _workflow(night_dir, store="diff.zarr")
+    wf = parse_workflow(
+        base.text.replace("  detect:", extra + "  detect:"), source="w.yaml", base_dir=night_dir
+    )
+    assert "subtract" in wf.steps
+    summary = run_workflow(wf, client=client)
+    assert summary.done == N_FRAMES, summary.failed
+    root = zs.open_store(wf.store["path"], mode="r")
+    in_ref = {str(p) for p in root.attrs["reference_frames"]}
+    paths = [str(p) for p in root["frames"]["path"][:].tolist()]
+    ref_img, ref_var = root["reference"]["image"][:], root["reference"]["variance"][:]
+    sky = np.abs(ref_img) < 3 * np.sqrt(ref_var)
+    for i, path in enumerate(paths):
+        if path in in_ref:  # its own noise is in the reference: D/sigma is smaller there
+            continue
+        diff, var, mask = root["difference"][i], root["variance"][i], root["mask"][i]
+        good = (mask == 0) & np.isfinite(var) & (var > 0) & sky
+        z = diff[good] / np.sqrt(var[good])
+        assert abs(float(np.median(z))) < 0.1
+        # measured 0.78-0.83: the variance map is ~1.5x the noise of these resampled,
+        # median-combined and convolved pixels (pixel covariances are not tracked)
+        assert 0.7 < 1.4826 * float(np.median(np.abs(z - np.median(z)))) < 1.2
+    # constant, isolated, unflagged reference stars: flux scatter about their errors
+    flux, err = root["lightcurves"]["flux"][:], root["lightcurves"]["flux_err"][:]
+    src = root["reference"]["sources"]
+    ref_flux = src["flux_aper"][:]
+    finite = np.all(np.isfinite(flux) & np.isfinite(err), axis=1)
+    steady = finite & (src["flag"][:] == 0)
+    steady[steady] &= ref_flux[steady] > 50 * np.median(err[steady], axis=1)
+    assert steady.sum() > 10
+    ratio = np.median(flux[steady] / ref_flux[steady, None], axis=0)
+    np.testing.assert_allclose(ratio, 1.0, atol=0.03)  # same scale as the reference

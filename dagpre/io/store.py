@@ -2,7 +2,7 @@
 
 Layout (DESIGN.md)::
 
-    reference/   image (y, x), mask (y, x), psf (v, u), sources table (source)
+    reference/   image, mask, variance (y, x), psf (v, u), sources table (source)
     frames/      table (frame): path, mjd, exptime, fwhm, background, noise, n_sources,
                  quality, status, error
     aligned      (frame, y, x) float32     difference (frame, y, x) float32
@@ -245,11 +245,15 @@ def write_reference(
     *,
     psf: Any = None,
     frames: Sequence[str] = (),
+    variance: Any = None,
 ) -> None:
-    """Write the reference image, mask, PSF and sources table; size the light curves."""
+    """Write the reference image, mask, variance, PSF and sources; size the light curves."""
     ref = root.require_group("reference")
     image = np.asarray(to_host(image), dtype=np.float32)
-    for name, value, dtype in (("image", image, "float32"), ("mask", mask, "uint8")):
+    planes = [("image", image, "float32"), ("mask", mask, "uint8")]
+    if variance is not None:
+        planes.append(("variance", variance, "float32"))
+    for name, value, dtype in planes:
         arr = ref.create_array(
             name, shape=image.shape, dtype=dtype, chunks=image.shape,
             dimension_names=("y", "x"), overwrite=True,

@@ -125,7 +125,7 @@ def _format(numbers: dict, summary, looks: Path) -> str:
         f"within 1.5 px of one of the {n['true_stars']} simulated stars",
         f"  light curves: {n['lightcurves']} sources, {n['lightcurve_points']} points",
         f"  transients: {n['transients_injected']} injected; found: not measured (the "
-        "candidates step arrives with difference imaging)",
+        "candidates table arrives with the light-curve work, issue 8)",
         f"  time: {n['seconds_per_frame']:.2f} s per frame ({summary.seconds:.1f} s in all)",
         f"  dashboard was: {summary.dashboard}",
         f"  quicklook PNGs: {looks}",

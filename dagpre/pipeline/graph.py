@@ -8,13 +8,16 @@ only when the client asks (``tests/test_graph.py`` proves it with a scheduler th
 to run anything).
 
 Steps not built yet are left out of the graph, and :func:`missing_steps` says which and why,
-so a run prints it instead of pretending: ``subtract`` (image subtraction) and the
-``difference`` and ``candidates`` products wait for their modules.
+so a run prints it instead of pretending (the ``quality`` model; ``candidates`` wait for
+issue 8). With ``subtract`` in the workflow, the ``difference`` cube is written, the
+``variance`` and ``mask`` cubes are the difference's, and light curves are the reference's
+aperture flux plus the difference's, on the reference's photometric scale.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +39,6 @@ __all__ = [
 
 #: Steps whose module is not in this build yet, with what is missing.
 _PENDING = {
-    "subtract": ("dagpre.ops.subtract", "image subtraction (issue 6) is not in this build"),
     "quality": ("dagpre.ml.quality", "the quality model (issue 9) is not in this build"),
 }
 
@@ -116,6 +118,7 @@ def build_reference(
     """
     from dagpre.backend import to_host
     from dagpre.ops.detect import detect_sources
+    from dagpre.ops.photometry import aperture_photometry
     from dagpre.types import MaskBit
 
     front = [
@@ -132,16 +135,23 @@ def build_reference(
         raise InputError("reference", f"a reference frame failed: {failed[0]}")
     base = front[0]
     stack = [np.where(to_host(base.frame.mask) == 0, to_host(base.frame.data), np.nan)]
+    variances = [np.where(to_host(base.frame.mask) == 0, to_host(base.variance), np.nan)]
     align_params = workflow.steps.get("align", {})
     base_ref = st.Reference(base.frame.data, base.frame.mask, base.frame.wcs, {}, (), 0.0)
     for state in front[1:]:
         moved = st.align_step(state, base_ref, align_params)
         if isinstance(moved, st.Failed):
             raise InputError("reference", f"aligning a reference frame failed: {moved}")
-        data = to_host(moved.frame.data)
-        stack.append(np.where(to_host(moved.frame.mask) == 0, data, np.nan))
-    with np.errstate(all="ignore"):
+        good = to_host(moved.frame.mask) == 0
+        stack.append(np.where(good, to_host(moved.frame.data), np.nan))
+        variances.append(np.where(good, to_host(moved.variance), np.nan))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: flagged below
         image = np.nanmedian(np.stack(stack), axis=0) if len(stack) > 1 else stack[0]
+        count = np.sum(np.isfinite(np.stack(stack)), axis=0)
+        # variance of a median of n values: pi/2 times that of their mean (n >= 3)
+        mean_var = np.nanmean(np.stack(variances), axis=0) / np.maximum(count, 1)
+        variance = mean_var * np.where(count >= 3, np.pi / 2, 1.0)
     empty = ~np.isfinite(image)
     mask = np.where(empty, np.uint8(MaskBit.OFF_FOOTPRINT), np.uint8(0))
     image = np.where(empty, 0.0, image).astype(np.float32)
@@ -149,8 +159,15 @@ def build_reference(
     detect = {"thresh": 5.0, **workflow.steps.get("detect", {})}
     cat = detect_sources(image, err=noise, mask=mask != 0, wcs=base.frame.wcs, **detect)
     sources = {k: np.asarray(to_host(v)) for k, v in cat.items()}
+    variance = np.where(empty, np.inf, variance).astype(np.float32)
+    radius = float(workflow.steps.get("photometry", {}).get("radii", [5.0])[0])
+    phot = aperture_photometry(
+        image, sources["x"], sources["y"], radius, err=np.sqrt(variance), mask=mask != 0
+    )
+    sources["flux_aper"] = np.asarray(phot.flux)
+    sources["fluxerr_aper"] = np.asarray(phot.fluxerr)
     return st.Reference(
-        image, mask, base.frame.wcs, sources, tuple(paths[i] for i in indices), noise
+        image, mask, base.frame.wcs, sources, tuple(paths[i] for i in indices), noise, variance
     )
 
 
@@ -180,6 +197,10 @@ def frame_graph(
         state = dask.delayed(st.align_step, pure=False)(
             state, reference, steps.get("align", {}), dask_key_name=f"align-{i}"
         )
+        if "subtract" in steps and "subtract" not in missing_steps(workflow):
+            state = dask.delayed(st.subtract_step, pure=False)(
+                state, reference, steps["subtract"], dask_key_name=f"subtract-{i}"
+            )
         found = dask.delayed(st.detect_step, pure=False)(
             state, steps.get("detect", {}), dask_key_name=f"detect-{i}"
         )

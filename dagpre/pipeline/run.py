@@ -95,9 +95,10 @@ def _load_reference(root) -> st.Reference | None:
     text = root.attrs["wcs_header"]
     wcs = WCS(fits.Header.fromstring(text)) if text else None
     sources = {k: ref["sources"][k][:] for k in ref["sources"].array_keys()}
+    variance = ref["variance"][:] if "variance" in ref else None
     return st.Reference(
         ref["image"][:], ref["mask"][:], wcs, sources,
-        tuple(root.attrs["reference_frames"]), float(root.attrs["reference_noise"]),
+        tuple(root.attrs["reference_frames"]), float(root.attrs["reference_noise"]), variance,
     )  # fmt: skip
 
 
@@ -183,8 +184,9 @@ def _run_group(workflow, key, paths, client, summary, say) -> None:
             workflow_text=workflow.text, overwrite=True,
         )  # fmt: skip
         zs.write_reference(
-            root, reference.image, reference.mask, reference.sources, frames=reference.frames
-        )
+            root, reference.image, reference.mask, reference.sources,
+            frames=reference.frames, variance=reference.variance,
+        )  # fmt: skip
         root.attrs["wcs_header"] = reference.wcs.to_header_string() if reference.wcs else ""
         root.attrs["reference_noise"] = reference.noise
     summary.stores.append(store_path)

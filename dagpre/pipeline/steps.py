@@ -37,6 +37,7 @@ __all__ = [
     "photometry_step",
     "quality_step",
     "read_step",
+    "subtract_step",
     "write_step",
 ]
 
@@ -69,6 +70,12 @@ class FrameState:
         After alignment: 1 where the pixel maps inside the original frame.
     metrics : dict
         Frame-table values found so far (``background``, ``noise``, ``fwhm``, ...).
+    difference, difference_variance, difference_mask : ndarray or None
+        After the subtract step: the difference image, its variance and mask.
+    to_reference_units : ndarray or None
+        Per reference source, the factor that turns a flux on the difference into the
+        reference's photometric scale (1 / the photometric scale when the reference was
+        convolved, 1 when the science was).
     """
 
     index: int
@@ -76,6 +83,10 @@ class FrameState:
     variance: Any = None
     footprint: Any = None
     metrics: Mapping[str, Any] = None
+    difference: Any = None
+    difference_variance: Any = None
+    difference_mask: Any = None
+    to_reference_units: Any = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,7 @@ class Reference:
     sources: Mapping[str, np.ndarray]
     frames: tuple
     noise: float
+    variance: Any = None
 
 
 def _guarded(step: str) -> Callable:
@@ -161,14 +173,60 @@ def background_step(state: FrameState, params: Mapping[str, Any]) -> FrameState:
     return replace(state, frame=replace(frame, data=data), variance=variance, metrics=metrics)
 
 
+def _used_order(out, params: Mapping[str, Any]) -> str:
+    """The interpolation :func:`~dagpre.ops.align.align` actually used."""
+    if out.method == "xcorr" and not params.get("subpixel", False):
+        return "nearest"
+    return params.get("order", "bilinear")
+
+
+def _interpolation_variance_factor(out, shape, order: str):
+    """Per output pixel, ``sum_i w_i^2`` of the interpolation taps (``(ny, nx)`` array).
+
+    Resampling averages neighbouring pixels, so the resampled image's noise is smaller than
+    the resampled variance map says: for locally constant variance the output variance is
+    the input's times ``sum_i w_i^2`` (1 at pixel centres, 1/4 for bilinear at a pixel
+    corner). Exact for ``bilinear`` and ``lanczos3`` (whose taps weight the pixels
+    directly); ``nearest`` needs none; ``bicubic``'s prefiltered spline has no such form
+    and keeps factor 1 (its variance map is then an overestimate).
+    """
+    from dagpre.ops.warp import _weights
+
+    if order in ("nearest", "bicubic"):
+        return None
+    if hasattr(out.transform, "full"):  # a solved WCS PixelMap
+        x_in, y_in = out.transform.full()
+    else:
+        xp = xp_of(out.image)
+        inv = np.linalg.inv(np.asarray(out.transform.matrix, dtype=np.float64))
+        yy, xx = (a.astype(np.float64) for a in xp.mgrid[0 : shape[0], 0 : shape[1]])
+        w = inv[2, 0] * xx + inv[2, 1] * yy + inv[2, 2]
+        x_in = (inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]) / w
+        y_in = (inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]) / w
+    xp = xp_of(x_in)
+    factor = None
+    for coord in (x_in, y_in):
+        frac = coord - xp.floor(coord)
+        part = sum(wk * wk for wk in _weights(order, frac, xp))
+        factor = part if factor is None else factor * part
+    return factor.astype(np.float32)
+
+
 @_guarded("align")
 def align_step(state: FrameState, reference: Reference, params: Mapping[str, Any]) -> FrameState:
-    """Resample onto the reference grid (:func:`~dagpre.ops.align.align`), variance too."""
+    """Resample onto the reference grid (:func:`~dagpre.ops.align.align`), variance too.
+
+    The variance map is resampled the same way and scaled by the taps' ``sum w^2`` (see
+    :func:`_interpolation_variance_factor`), so it describes the resampled pixels' noise.
+    """
     from dagpre.ops.align import align
 
     ref = Frame(reference.image, reference.mask, wcs=reference.wcs, meta={})  # the grid to land on
     out = align(state.frame, ref, **params)
     var = align(replace(state.frame, data=state.variance.astype(np.float32)), ref, **params).image
+    factor = _interpolation_variance_factor(out, ref.shape, _used_order(out, params))
+    if factor is not None:
+        var = var * factor
     xp = xp_of(out.image)
     off = out.footprint == 0
     mask = out.mask | xp.where(off, np.uint8(MaskBit.OFF_FOOTPRINT), np.uint8(0))
@@ -176,6 +234,24 @@ def align_step(state: FrameState, reference: Reference, params: Mapping[str, Any
     frame = Frame(image, mask.astype(np.uint8), state.frame.header, reference.wcs,
                   dict(state.frame.meta))  # fmt: skip
     return replace(state, frame=frame, variance=xp.where(off, np.inf, var), footprint=out.footprint)
+
+
+@_guarded("subtract")
+def subtract_step(state: FrameState, reference: Reference, params: Mapping[str, Any]):
+    """Difference with the reference (:func:`~dagpre.ops.subtract.subtract`)."""
+    from dagpre.ops.subtract import subtract
+
+    frame = state.frame
+    sub = subtract(
+        frame.data, reference.image, science_mask=frame.mask, reference_mask=reference.mask,
+        science_variance=state.variance, reference_variance=reference.variance, **params,
+    )  # fmt: skip
+    x, y = reference.sources["x"], reference.sources["y"]
+    factor = 1.0 / sub.scale_at(x, y) if sub.convolved == "reference" else np.ones(x.shape)
+    return replace(
+        state, difference=sub.difference, difference_variance=sub.variance,
+        difference_mask=sub.mask, to_reference_units=factor,
+    )  # fmt: skip
 
 
 @_guarded("detect")
@@ -220,15 +296,20 @@ def photometry_step(state: FrameState, reference: Reference, params: Mapping[str
     radii = params.get("radii", [5.0])
     x = reference.sources["x"]
     y = reference.sources["y"]
-    frame = state.frame
-    var = state.variance
+    if state.difference is None:  # no subtraction: fluxes measured on the aligned frame
+        image, var, mask = state.frame.data, state.variance, state.frame.mask
+    else:
+        image, var, mask = state.difference, state.difference_variance, state.difference_mask
     err = xp_of(var).sqrt(var) if var is not None else state.metrics.get("noise")
-    phot = aperture_photometry(
-        frame.data, x, y, float(radii[0]), err=err, mask=frame.mask != 0, subpix=0
-    )
+    phot = aperture_photometry(image, x, y, float(radii[0]), err=err, mask=mask != 0, subpix=0)
+    flux = np.asarray(to_host(phot.flux))
+    flux_err = np.asarray(to_host(phot.fluxerr))
+    if state.difference is not None:  # total flux on the reference's scale
+        flux = reference.sources["flux_aper"] + flux * state.to_reference_units
+        flux_err = flux_err * state.to_reference_units
     return {
-        "flux": np.asarray(to_host(phot.flux)),
-        "flux_err": np.asarray(to_host(phot.fluxerr)),
+        "flux": flux,
+        "flux_err": flux_err,
         "flag": np.asarray(to_host(phot.flag)).astype(np.int32),
     }
 
@@ -247,8 +328,13 @@ def write_step(store_path: str, index: int, state: Any, found: Any, phot: Any) -
         zs.set_frame_status(root, index, "failed", str(failed))
         return {"index": index, "status": "failed", "error": str(failed)}
     products = {"aligned": state.frame.data, "mask": state.frame.mask}
-    if state.variance is not None:
-        var = to_host(state.variance)
+    variance = state.variance
+    if state.difference is not None:
+        products["difference"] = state.difference
+        products["mask"] = state.frame.mask | state.difference_mask
+        variance = state.difference_variance
+    if variance is not None:
+        var = to_host(variance)
         products["variance"] = np.where(np.isfinite(var), var, np.nan)
     zs.write_frame(root, index, products)
     if "lightcurves" in root and phot is not None:
