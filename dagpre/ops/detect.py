@@ -973,7 +973,9 @@ def _mthresh(xp, pix, owner, ids, minarea, thr_scalar, gathered=None):
     if gathered is not None:
         lin = lin + xp.where(gathered[keep], pix["shape"][0] * pix["shape"][1], 0)
     excess = excess[keep]
-    order = xp.lexsort(xp.stack([lin, own]))  # scan order within each object
+    # scan order within each object: one sort of (object, position) packed in one key
+    span = int(pix["shape"][0]) * int(pix["shape"][1]) * 2  # > every lin, gathered ones too
+    order = xp.argsort(own * span + lin, kind="stable")
     own, excess = own[order], excess[order]
     counts = xp.bincount(own, minlength=n)[:n]
     start = xp.cumsum(counts) - counts
