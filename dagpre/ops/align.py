@@ -26,7 +26,14 @@ import numpy as np
 
 from dagpre.types import Frame, InputError
 
-__all__ = ["METHODS", "Aligned", "align"]
+__all__ = [
+    "METHODS",
+    "Aligned",
+    "align",
+    "align_with_variance",
+    "correlated_noise_factor",
+    "interpolation_variance_factor",
+]
 
 METHODS = ("wcs", "stars", "xcorr")
 
@@ -181,3 +188,172 @@ def align(
         threads=threads,
     )  # fmt: skip
     return Aligned(out.image, out.footprint, transform, out.mask, method, shift)
+
+
+def interpolation_variance_factor(out: Aligned, shape: tuple[int, int], order: str) -> Any:
+    """Per output pixel, ``sum_i w_i^2`` of the interpolation taps (``(ny, nx)`` array).
+
+    Resampling averages neighbouring pixels, so the resampled image's noise is smaller than
+    the resampled variance map says: for locally constant variance the output variance is
+    the input's times ``sum_i w_i^2`` (1 at pixel centres, 1/4 for bilinear at a pixel
+    corner). Exact for ``bilinear`` and ``lanczos3`` (whose taps weight the pixels
+    directly); ``nearest`` needs none (None is returned); ``bicubic``'s prefiltered spline
+    has no such form and keeps factor 1 (None; its variance map is then an overestimate).
+    """
+    from dagpre.backend import xp_of
+    from dagpre.ops.warp import _weights
+
+    if order in ("nearest", "bicubic"):
+        return None
+    x_in, y_in = _input_coordinates(out.transform, shape, xp_of(out.image))
+    xp = xp_of(x_in)
+    factor = None
+    for coord in (x_in, y_in):
+        frac = coord - xp.floor(coord)
+        part = sum(wk * wk for wk in _weights(order, frac, xp))
+        factor = part if factor is None else factor * part
+    return factor.astype(np.float32)
+
+
+def _input_coordinates(transform: Any, shape: tuple[int, int], xp: Any) -> tuple[Any, Any]:
+    """Input-frame (x, y) of every output pixel, ``shape`` arrays."""
+    if hasattr(transform, "full"):  # a solved WCS PixelMap
+        return transform.full()
+    inv = np.linalg.inv(np.asarray(transform.matrix, dtype=np.float64))
+    yy, xx = (a.astype(np.float64) for a in xp.mgrid[0 : shape[0], 0 : shape[1]])
+    w = inv[2, 0] * xx + inv[2, 1] * yy + inv[2, 2]
+    return (
+        (inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]) / w,
+        (inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]) / w,
+    )
+
+
+def correlated_noise_factor(
+    transform: Any, shape: tuple[int, int], order: str, x: Any, y: Any, stamps: Any
+) -> Any:
+    """Per star, how much resampling changed the variance of a weighted sum over its pixels.
+
+    A measurement ``sum_i a_i D_i`` of resampled pixels ``D_i = sum_k t_k S_(i+k)``
+    (taps ``t`` at the local sub-pixel offset) has variance ``sigma^2 ||a * t||^2`` for input
+    pixels of variance ``sigma^2``: between ``sigma^2 sum t^2 ||a||^2`` (what a per-pixel
+    variance map says) and ``sigma^2 ||a||^2`` (a measurement much wider than the taps).
+    Returned is ``||a * t||^2 / ||a||^2``, from the weights ``stamps`` (e.g. the PSF at each
+    star, which a faint star's PSF fit weights its pixels by) and the taps at each star.
+
+    Parameters
+    ----------
+    transform : PixelMap or Transform
+        The alignment's ``Aligned.transform`` (it gives the sub-pixel offsets).
+    shape : (int, int)
+        The reference grid.
+    order : str
+        The interpolation used.
+    x, y : ndarray (n,)
+        Star positions on the reference grid, px.
+    stamps : ndarray (n, s, s)
+        Measurement weights per star.
+
+    Returns
+    -------
+    ndarray (n,) float64
+        1 for ``nearest`` (no resampling of noise) and ``bicubic`` (no tap form).
+    """
+    from dagpre.backend import xp_of
+    from dagpre.ops.warp import _weights
+
+    xp = xp_of(stamps)
+    n = stamps.shape[0]
+    if order in ("nearest", "bicubic") or n == 0:
+        return xp.ones(n)
+    x_in, y_in = _input_coordinates(transform, shape, xp)
+    ny, nx = shape
+    ix = xp.clip(xp.floor(xp.asarray(x) + 0.5).astype(np.int64), 0, nx - 1)
+    iy = xp.clip(xp.floor(xp.asarray(y) + 0.5).astype(np.int64), 0, ny - 1)
+    fx = x_in[iy, ix] - xp.floor(x_in[iy, ix])
+    fy = y_in[iy, ix] - xp.floor(y_in[iy, ix])
+    a = stamps.astype(np.float64)
+    for axis, frac in ((2, fx), (1, fy)):
+        taps = _weights(order, frac, xp)
+        k = len(taps)
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[axis] = (k - 1, k - 1)
+        ap = xp.pad(a, pad)
+        length = a.shape[axis] + k - 1
+        res = 0.0
+        for j, t in enumerate(taps):
+            sl = [slice(None)] * 3
+            sl[axis] = slice(k - 1 - j, k - 1 - j + length)
+            res = res + t[:, None, None] * ap[tuple(sl)]
+        a = res
+    return (a * a).sum(axis=(1, 2)) / (stamps.astype(np.float64) ** 2).sum(axis=(1, 2))
+
+
+def align_with_variance(
+    frame: Frame, variance: Any, reference: Frame, *, return_factor: bool = False, **params: Any
+) -> tuple:
+    """Align ``frame`` (:func:`align`) and move its variance map with the same mapping.
+
+    The variance is resampled with the transform found for the image (never re-solved on
+    the variance map itself) and scaled by the taps' ``sum w^2``
+    (:func:`interpolation_variance_factor`), so it describes the resampled pixels' noise.
+
+    Parameters
+    ----------
+    frame : Frame
+        The frame to align; ``variance`` is its per-pixel variance (ADU^2), same shape.
+    reference : Frame
+        The grid to land on.
+    return_factor : bool
+        Also return the interpolation factor map (None for ``nearest`` / ``bicubic``).
+    **params
+        :func:`align`'s keyword arguments (``method``, ``order``, ...).
+
+    Returns
+    -------
+    aligned : Aligned
+        As :func:`align` returns it.
+    variance : ndarray (ny, nx) float32
+        On the reference grid; ``inf`` off the footprint.
+    factor : ndarray (ny, nx) float32 or None
+        With ``return_factor``: the ``sum w^2`` the variance was scaled by. Resampled noise
+        is correlated between neighbouring pixels, so a sum over many pixels (an aperture, a
+        PSF fit) has the variance of ``variance / factor``, not of ``variance``.
+    """
+    from dagpre.backend import xp_of
+    from dagpre.ops.warp import reproject, warp_affine
+
+    out = align(frame, reference, **params)
+    order = params.get("order", "bilinear")
+    if out.method == "xcorr" and not params.get("subpixel", False):
+        order = "nearest"
+    var_in = variance.astype(np.float32)
+    shape = tuple(int(v) for v in reference.shape)
+    threads = params.get("threads")
+    if out.method == "wcs":
+        var = reproject(
+            var_in, frame.wcs, reference.wcs, shape, order, mapping=out.transform,
+            threads=threads,
+        )  # fmt: skip
+    else:
+        var = warp_affine(var_in, out.transform.matrix, shape, order, threads=threads).image
+    if params.get("conserve_flux", False):
+        # pixels were scaled by the area ratio r, so their variance scales by r^2
+        xp = xp_of(var_in)
+        ones = xp.ones(var_in.shape, dtype=np.float32)
+        if out.method == "wcs":
+            ratio = reproject(
+                ones, frame.wcs, reference.wcs, shape, "nearest", conserve_flux=True,
+                mapping=out.transform, threads=threads,
+            )  # fmt: skip
+        else:
+            ratio = warp_affine(
+                ones, out.transform.matrix, shape, "nearest", conserve_flux=True,
+                threads=threads,
+            ).image  # fmt: skip
+        var = var * ratio**2
+    factor = interpolation_variance_factor(out, shape, order)
+    if factor is not None:
+        var = var * factor
+    xp = xp_of(out.image)
+    var = xp.where(out.footprint == 0, np.float32(np.inf), var).astype(np.float32)
+    return (out, var, factor) if return_factor else (out, var)

@@ -219,7 +219,8 @@ def psf_photometry(
         in_circle = dist2 <= radius * radius
         ok = inside & usable[rc, cc] & in_circle
         d = xp.where(ok, data[rc, cc], 0.0)
-        w = ok.astype(xp.float64) if variance is None else xp.where(ok, 1.0 / var[rc, cc], 0.0)
+        vsafe = None if variance is None else xp.where(ok, var[rc, cc], 1.0)  # no 1/0 off ok
+        w = ok.astype(xp.float64) if variance is None else xp.where(ok, 1.0 / vsafe, 0.0)
         trunc = xp.any(in_circle & ~inside, axis=(1, 2))
         hasmasked = xp.any(in_circle & inside & ~ok, axis=(1, 2))
         npx = ok.sum(axis=(1, 2))
