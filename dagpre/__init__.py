@@ -59,6 +59,18 @@ _LAZY = {
     "Subtraction": "dagpre.ops.subtract:Subtraction",
     "psf_photometry": "dagpre.ops.psfphot:psf_photometry",
     "PSFPhotometry": "dagpre.ops.psfphot:PSFPhotometry",
+    "frame_quality": "dagpre.ops.quality:frame_quality",
+    "FrameQuality": "dagpre.ops.quality:FrameQuality",
+    "build_reference": "dagpre.ops.reference:build_reference",
+    "Reference": "dagpre.ops.reference:Reference",
+    "variability": "dagpre.ops.variability:variability",
+    "difference_detections": "dagpre.ops.candidates:difference_detections",
+    "match_candidates": "dagpre.ops.candidates:match_candidates",
+    "refine_position": "dagpre.ops.refine:refine_position",
+    "build_psf": "dagpre.ops.psf:build_psf",
+    "select_psf_stars": "dagpre.ops.psf:select_psf_stars",
+    "PSFModel": "dagpre.ops.psf:PSFModel",
+    "ml": "dagpre.ml",
 }
 
 __all__ = [

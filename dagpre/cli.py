@@ -1,4 +1,4 @@
-"""The ``dagpre`` command: ``simulate``, ``run WORKFLOW``, ``info STORE``, ``demo``.
+"""The ``dagpre`` command: ``simulate``, ``run WORKFLOW``, ``info STORE``, ``demo``, ``export``.
 
 Errors that dagpre raises on purpose
 (:class:`~dagpre.types.DagpreError`) are printed as one line and exit with status 2; anything
@@ -102,6 +102,42 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive_int, default=2, help="local workers (2)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.set_defaults(handler=_cmd_demo)
+
+    export = commands.add_parser(
+        "export",
+        help="export a store's training set: cut-out triplets, light curves, labels",
+        description="Cut science/reference/difference triplets around every candidate and a "
+        "sample of reference sources, with light curves and (for a simulated night) labels "
+        "from the truth, into a Zarr group that dagpre.ml.CutoutDataset reads. With "
+        "--workflow, run that workflow first and export its store: dagpre export --workflow "
+        "workflows/training_set.yaml --workdir NIGHT OUT.",
+    )
+    export.add_argument(
+        "paths", nargs="+", type=Path, metavar="[STORE] OUT",
+        help="the store and the training-set folder to write (only OUT with --workflow)",
+    )  # fmt: skip
+    export.add_argument("--size", type=_positive_int, default=None, help="cut-out side (63)")
+    export.add_argument(
+        "--normalise", choices=("none", "zscale", "robust"), default=None,
+        help="per cut-out, per channel (robust: (x - median) / sigma)",
+    )  # fmt: skip
+    export.add_argument(
+        "--n-sources", type=int, default=None, metavar="N",
+        help="reference sources to cut around, drawn at random (1000; -1 for all)",
+    )  # fmt: skip
+    export.add_argument("--seed", type=int, default=None, help="seed of that draw (0)")
+    export.add_argument("--chunk", type=_positive_int, default=None, help="rows per chunk (256)")
+    export.add_argument("--truth", type=Path, help="truth folder (default: beside the frames)")
+    export.add_argument("--no-candidates", action="store_true", help="no candidate cut-outs")
+    export.add_argument("--no-lightcurves", action="store_true", help="no light curves")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--workflow", type=Path, help="run this workflow, then export its store")
+    export.add_argument(
+        "--workdir", type=Path,
+        help="with --workflow: take its relative paths from here (default: the file's folder)",
+    )  # fmt: skip
+    export.add_argument("--workers", type=_positive_int, help="with --workflow: local workers")
+    export.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -155,9 +191,55 @@ def _cmd_info(args: argparse.Namespace) -> int:
             f"  reference: {root['reference']['image'].shape}, {n_src} sources, from "
             f"{len(root.attrs['reference_frames'])} frame(s)"
         )
-    if "lightcurves" in root:
-        print(f"  lightcurves: {root['lightcurves']['flux'].shape} (source, frame)")
+    for line in _tables_summary(root):
+        print(f"  {line}")
     return 0
+
+
+def _tables_summary(root) -> list[str]:
+    """Lines on the frames' quality, the reference, light curves and candidates of a store."""
+    import numpy as np
+
+    lines = []
+    frames = root["frames"]
+    if "fwhm" in frames:
+        fwhm = frames["fwhm"][:]
+        if np.isfinite(fwhm).any():
+            lines.append(
+                f"quality: FWHM {np.nanmin(fwhm):.2f}-{np.nanmax(fwhm):.2f} px (median "
+                f"{np.nanmedian(fwhm):.2f}), {int(np.sum(frames['nonuniformity'][:] > 0.05))}"
+                " frame(s) with a non-uniform sky"
+            )
+    if "reference" in root:
+        ref = root["reference"]
+        notes = root.attrs.get("reference_notes", [])
+        psf = "a PSF model" if "psf_model" in ref else "no PSF model"
+        lines.append(f"reference noise {float(root.attrs.get('reference_noise', np.nan)):.2f}"
+                     f" ADU, {psf}" + (f" ({'; '.join(notes)})" if notes else ""))  # fmt: skip
+    if "lightcurves" in root:
+        lc = root["lightcurves"]
+        flux = lc["flux"][:]
+        lines.append(f"lightcurves: {flux.shape} (source, frame), "
+                     f"{int(np.isfinite(flux).sum())} points measured, planes "
+                     f"{', '.join(sorted(lc.array_keys()))}")  # fmt: skip
+        src = root["reference"]["sources"]
+        if "variable" in src:
+            var = src["variable"][:]
+            chi = src["chi2_dof"][:]
+            lines.append(f"variability: {int(var.sum())} of {var.size} sources flagged "
+                         f"variable; median chi2/dof {np.nanmedian(chi):.2f}")  # fmt: skip
+    if "candidates" in root:
+        cand = root["candidates"]
+        n = cand["id"].shape[0] if "id" in cand else 0
+        if n:
+            on = int(cand["on_source"][:].sum())
+            res = int(cand["residual"][:].sum()) if "residual" in cand else 0
+            snr = np.abs(cand["snr"][:])
+            lines.append(f"candidates: {n} ({n - on} not on a reference source, {res} "
+                         f"bright-star residuals), peak |S/N| up to {snr.max():.1f}")  # fmt: skip
+        else:
+            lines.append("candidates: none")
+    return lines
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -167,6 +249,55 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.workdir, n_frames=args.frames, size=args.size, n_stars=args.stars,
         n_workers=args.workers, seed=args.seed, say=_progress,
     )  # fmt: skip
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dagpre.ml.dataset import export_training_set
+
+    settings: dict = {}
+    if args.workflow is not None:
+        from dagpre.pipeline.run import run_workflow
+        from dagpre.pipeline.workflow import load_workflow, parse_workflow
+
+        if len(args.paths) != 1:
+            raise InputError(
+                "export", "with --workflow give OUT only (the store is the workflow's)"
+            )
+        workflow = load_workflow(args.workflow)
+        if args.workdir is not None:
+            workflow = parse_workflow(workflow.text, str(args.workflow), base_dir=args.workdir)
+        if args.workers is not None:
+            cluster = {**workflow.cluster, "n_workers": args.workers}
+            workflow = dataclasses.replace(workflow, cluster=cluster)
+        settings = dict(getattr(workflow, "export", None) or {})  # an export: section, if any
+        summary = run_workflow(workflow, progress=_progress)
+        print(_summary_text(summary))
+        if len(summary.stores) != 1:
+            raise InputError(str(args.workflow), f"made {len(summary.stores)} stores; export "
+                             "each with dagpre export STORE OUT")  # fmt: skip
+        store, out = Path(summary.stores[0]), args.paths[0]
+    elif len(args.paths) == 2:
+        store, out = args.paths
+    else:
+        raise InputError("export", "expected STORE OUT (or --workflow WORKFLOW OUT)")
+    for key in ("size", "normalise", "seed", "chunk"):  # given on the command line: wins
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.n_sources is not None:
+        settings["n_sources"] = None if args.n_sources < 0 else args.n_sources
+    done = export_training_set(
+        store, out, truth=args.truth, candidates=not args.no_candidates,
+        lightcurves=not args.no_lightcurves, overwrite=args.overwrite, **settings,
+    )  # fmt: skip
+    labels = f"labels from {done.truth}" if done.labelled else "no truth found: labels are -1"
+    print(
+        f"dagpre export: {done.n_cutouts} cut-outs ({done.n_candidates} candidates, "
+        f"{done.n_sources} sources), {done.n_lightcurves} light curves -> {done.path} "
+        f"({done.seconds:.1f} s; {labels})"
+    )
+    return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

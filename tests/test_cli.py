@@ -111,6 +111,7 @@ def test_demo_summary_is_true_against_the_simulator(tmp_path, capsys):
     assert main(["info", str(tmp_path / "demo.zarr")]) == 0
     info = capsys.readouterr().out
     assert "done: 4" in info and "lightcurves:" in info
+    assert "variability:" in info and "candidates:" in info and "quality: FWHM" in info
 
 
 class _Rows:

@@ -3,12 +3,16 @@
 Layout (DESIGN.md)::
 
     reference/   image, mask, variance (y, x), psf (v, u), sources table (source)
-    frames/      table (frame): path, mjd, exptime, fwhm, background, noise, n_sources,
-                 quality, status, error
+    frames/      table (frame): path, mjd, exptime, fwhm, ellipticity, background, noise,
+                 n_sources, saturated_fraction, nonuniformity, quality, bad_fraction,
+                 reference (used in the reference), status, error
+    reference/psf_model/  the PSF model's arrays (:meth:`PSFModel.to_arrays`)
     aligned      (frame, y, x) float32     difference (frame, y, x) float32
     variance     (frame, y, x) float32     mask       (frame, y, x) uint8
-    lightcurves/ flux, flux_err, flag (source, frame)
-    candidates/  table (candidate): frame, x, y, ra, dec, flux, snr, ...
+    lightcurves/ flux, flux_err, flag, flux_aper, fluxerr_aper (source, frame)
+    detections/  per frame ``{index}/`` the difference-image detections (x, y, flux, snr, ...)
+    candidates/  table (candidate): id, x, y, ra, dec, frame, peak_frame, flux, snr, sign,
+                 n_detections, source, on_source
 
 Every array carries ``dimension_names``, so ``xarray.open_zarr(path)`` gives labelled cubes
 and ``xarray.open_zarr(path, group="frames")`` the frames table.
@@ -44,12 +48,16 @@ __all__ = [
     "done_frames",
     "frame_status",
     "open_store",
+    "read_detections",
+    "read_psf_model",
     "set_frame_status",
     "write_candidates",
+    "write_detections",
     "write_frame",
     "write_frame_row",
     "write_lightcurve_column",
     "write_reference",
+    "write_source_columns",
 ]
 
 #: Per-frame image cubes: name -> dtype.
@@ -60,10 +68,15 @@ FRAME_COLUMNS = {
     "mjd": ("float64", np.nan),
     "exptime": ("float64", np.nan),
     "fwhm": ("float64", np.nan),
+    "ellipticity": ("float64", np.nan),
     "background": ("float64", np.nan),
     "noise": ("float64", np.nan),
     "n_sources": ("int64", -1),
+    "saturated_fraction": ("float64", np.nan),
+    "nonuniformity": ("float64", np.nan),
     "quality": ("float64", np.nan),
+    "bad_fraction": ("float64", np.nan),
+    "reference": ("bool", False),
     "status": (str, "pending"),
     "error": (str, ""),
 }
@@ -72,6 +85,8 @@ LIGHTCURVE_COLUMNS = {
     "flux": ("float64", np.nan),
     "flux_err": ("float64", np.nan),
     "flag": ("int32", -1),
+    "flux_aper": ("float64", np.nan),
+    "fluxerr_aper": ("float64", np.nan),
 }
 STATUSES = ("pending", "done", "failed")
 
@@ -259,6 +274,19 @@ def write_reference(
             dimension_names=("y", "x"), overwrite=True,
         )  # fmt: skip
         arr[:] = np.asarray(to_host(value), dtype=dtype)
+    if psf is not None and hasattr(psf, "to_arrays"):  # a PSF model: its arrays, and a stamp
+        model = ref.require_group("psf_model")
+        scalars = {}
+        for name, value in psf.to_arrays().items():
+            v = np.asarray(to_host(value))
+            if v.ndim == 0:  # Zarr arrays need a dimension: scalars go to the attributes
+                scalars[name] = v.item()
+                continue
+            arr = model.create_array(name, shape=v.shape, dtype=v.dtype, chunks=v.shape,
+                                     overwrite=True)  # fmt: skip
+            arr[...] = v
+        model.attrs["scalars"] = scalars
+        psf = psf.stamp()
     if psf is not None:
         p = np.asarray(to_host(psf), dtype=np.float32)
         arr = ref.create_array(
@@ -282,16 +310,54 @@ def write_reference(
         _create_lightcurves(root, n_src, n_frames)
 
 
-def write_candidates(root: zarr.Group, table: Mapping[str, Any]) -> None:
-    """Write the candidates table (gathered on the client: small, variable length)."""
-    group = root.require_group("candidates")
-    for name, value in table.items():
+def _write_table(group: zarr.Group, columns: Mapping[str, Any], dim: str, rows=None) -> None:
+    """Write 1-D columns into ``group`` (one chunk each; empty columns get a 1-element chunk)."""
+    for name, value in columns.items():
         col = np.asarray(to_host(value))
+        if rows is not None and col.shape[:1] != (rows,):
+            raise InputError(name, f"expected {rows} rows (one per {dim}), got {col.shape}")
         arr = group.create_array(
             name, shape=col.shape, dtype=col.dtype, chunks=(max(col.shape[0], 1),),
-            dimension_names=("candidate",), overwrite=True,
+            dimension_names=(dim,), overwrite=True,
         )  # fmt: skip
         arr[:] = col
+
+
+def write_candidates(root: zarr.Group, table: Mapping[str, Any]) -> None:
+    """Write the candidates table (gathered on the client: small, variable length)."""
+    _write_table(root.require_group("candidates"), table, "candidate")
+
+
+def write_source_columns(root: zarr.Group, columns: Mapping[str, Any]) -> None:
+    """Add or replace columns of the reference's sources table (e.g. variability)."""
+    table = root["reference"]["sources"]
+    keys = list(table.array_keys())
+    _write_table(table, columns, "source", rows=table[keys[0]].shape[0] if keys else None)
+
+
+def write_detections(root: zarr.Group, index: int, columns: Mapping[str, Any]) -> None:
+    """Write frame ``index``'s difference-image detections (its own group: no shared chunk)."""
+    _write_table(root.require_group("detections").require_group(str(index)), columns, "detection")
+
+
+def read_detections(root: zarr.Group, index: int) -> dict | None:
+    """Frame ``index``'s detections (None when the frame has none written)."""
+    if "detections" not in root or str(index) not in root["detections"]:
+        return None
+    group = root["detections"][str(index)]
+    return {k: group[k][:] for k in group.array_keys()}
+
+
+def read_psf_model(root: zarr.Group):
+    """The reference's PSF model (:class:`~dagpre.ops.psf.PSFModel`), or None."""
+    if "reference" not in root or "psf_model" not in root["reference"]:
+        return None
+    from dagpre.ops.psf import PSFModel
+
+    group = root["reference"]["psf_model"]
+    arrays = {k: group[k][...] for k in group.array_keys()}
+    arrays.update({k: np.asarray(v) for k, v in group.attrs.get("scalars", {}).items()})
+    return PSFModel.from_arrays(arrays)
 
 
 def provenance(root: zarr.Group) -> dict:

@@ -105,8 +105,44 @@ def demo_summary(root, night, summary) -> dict:
         if lc_shape[0]
         else 0,
         "transients_injected": len(night.truth_tables()["transients"]),
+        **_found(root, truth, tx, ty, sx, sy),
         "seconds_per_frame": summary.seconds / n_comp if n_comp else math.nan,
     }
+
+
+def _found(root, truth, tx, ty, sx, sy) -> dict:
+    """Transients found among the candidates, variables flagged among matched sources.
+
+    A transient is found when a candidate not marked as a bright-star residual lies within
+    2 px of its true position; a candidate is real within 2 px of a transient or a variable
+    star. A true variable star counts when a reference source lies within 1.5 px of it.
+    """
+    from scipy.spatial import cKDTree
+
+    kinds = np.asarray(truth["kind"])
+    out = {"transients_found": 0, "candidates": 0, "candidates_real": 0,
+           "variables_matched": 0, "variables_flagged": 0, "constants_flagged": 0}  # fmt: skip
+    if "candidates" in root and root["candidates"]["id"].shape[0]:
+        cand = root["candidates"]
+        keep = ~cand["residual"][:]
+        xy = np.column_stack([cand["x"][:][keep], cand["y"][:][keep]])
+        out["candidates"] = int(keep.sum())
+        if xy.size:
+            tree = cKDTree(xy)
+            tr = kinds == "transient"
+            out["transients_found"] = int((tree.query(np.column_stack([tx[tr], ty[tr]]))[0]
+                                           < 2).sum())  # fmt: skip
+            real = np.column_stack([tx[kinds != "star"], ty[kinds != "star"]])
+            out["candidates_real"] = int((cKDTree(real).query(xy)[0] < 2).sum())
+    src = root["reference"]["sources"]
+    if "variable" in src and sx.size:
+        dist, idx = cKDTree(np.column_stack([tx, ty])).query(np.column_stack([sx, sy]))
+        flagged = src["variable"][:]
+        hit = dist < 1.5
+        out["variables_matched"] = int((hit & (kinds[idx] == "variable")).sum())
+        out["variables_flagged"] = int((hit & (kinds[idx] == "variable") & flagged).sum())
+        out["constants_flagged"] = int((hit & (kinds[idx] == "star") & flagged).sum())
+    return out
 
 
 def _reference_wcs(root):
@@ -124,8 +160,11 @@ def _format(numbers: dict, summary, looks: Path) -> str:
         f"  reference: {n['reference_sources']} sources, {n['reference_sources_matched']} "
         f"within 1.5 px of one of the {n['true_stars']} simulated stars",
         f"  light curves: {n['lightcurves']} sources, {n['lightcurve_points']} points",
-        f"  transients: {n['transients_injected']} injected; found: not measured (the "
-        "candidates table arrives with the light-curve work, issue 8)",
+        f"  variables: {n['variables_flagged']} of the {n['variables_matched']} simulated "
+        f"variables on the reference flagged; {n['constants_flagged']} constant stars flagged",
+        f"  transients: {n['transients_found']} of {n['transients_injected']} injected found; "
+        f"{n['candidates_real']} of {n['candidates']} candidates real (at a transient or a "
+        "variable star)",
         f"  time: {n['seconds_per_frame']:.2f} s per frame ({summary.seconds:.1f} s in all)",
         f"  dashboard was: {summary.dashboard}",
         f"  quicklook PNGs: {looks}",

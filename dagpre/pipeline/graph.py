@@ -7,17 +7,18 @@ a graph calls no step and reads no pixels: every step is a ``dask.delayed`` call
 only when the client asks (``tests/test_graph.py`` proves it with a scheduler that refuses
 to run anything).
 
-Steps not built yet are left out of the graph, and :func:`missing_steps` says which and why,
-so a run prints it instead of pretending (the ``quality`` model; ``candidates`` wait for
-issue 8). With ``subtract`` in the workflow, the ``difference`` cube is written, the
-``variance`` and ``mask`` cubes are the difference's, and light curves are the reference's
-aperture flux plus the difference's, on the reference's photometric scale.
+Steps not built yet would be left out of the graph, and :func:`missing_steps` says which and
+why, so a run prints it instead of pretending (none today). With ``subtract`` in the
+workflow, the ``difference`` cube is written, the ``variance`` and ``mask`` cubes are the
+difference's, light curves are the reference's PSF flux plus the difference's PSF flux, on
+the reference's photometric scale, and (with the ``candidates`` product) the ``detect`` task
+finds the difference image's detections, matched over frames into candidates at the end of
+the run (:mod:`dagpre.pipeline.run`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,9 +39,7 @@ __all__ = [
 ]
 
 #: Steps whose module is not in this build yet, with what is missing.
-_PENDING = {
-    "quality": ("dagpre.ml.quality", "the quality model (issue 9) is not in this build"),
-}
+_PENDING: dict[str, tuple[str, str]] = {}
 
 
 def missing_steps(workflow: Workflow) -> dict[str, str]:
@@ -69,24 +68,47 @@ def _front(workflow: Workflow, index: int, path: str, prefix: str = ""):
     )
 
 
+def _quality_params(workflow: Workflow) -> dict:
+    steps = workflow.steps
+    params = {"background": steps.get("background", {}), "detect": steps.get("detect", {})}
+    return {**params, **steps.get("quality", {})}
+
+
 def quality_graph(workflow: Workflow, paths: Sequence[str]) -> list:
-    """Per frame: read, mask, background, detect, returning small quality rows (delayed)."""
-    detect = workflow.steps.get("detect", {})
-    return [
-        dask.delayed(st.quality_step, pure=False)(
-            _front(workflow, i, p, prefix="quality-"), detect, dask_key_name=f"quality-{i}"
+    """Per frame: read, mask, then the quality row (delayed; small rows for the client).
+
+    The row is :func:`~dagpre.ops.quality.frame_quality`'s, plus the quality model's score
+    when the workflow's ``quality`` step names a model.
+    """
+    steps = workflow.steps
+    device = steps.get("read", {}).get("device", "auto")
+    hdu = steps.get("read", {}).get("hdu", workflow.hdu)
+    params = _quality_params(workflow)
+    rows = []
+    for i, p in enumerate(paths):
+        state = dask.delayed(st.read_step, pure=False)(
+            i, p, hdu, device, dask_key_name=f"quality-read-{i}"
         )
-        for i, p in enumerate(paths)
-    ]
+        if "mask" in steps:
+            state = dask.delayed(st.mask_step, pure=False)(
+                state, steps["mask"], dask_key_name=f"quality-mask-{i}"
+            )
+        rows.append(
+            dask.delayed(st.quality_step, pure=False)(state, params, dask_key_name=f"quality-{i}")
+        )
+    return rows
 
 
 def select_reference(workflow: Workflow, paths: Sequence[str], rows: Sequence[Any]) -> list:
-    """Indices of the frames to build the reference from (best first).
+    """Indices of the frames the reference may be built from, best first.
 
-    ``"first"``: frame 0. ``"frames"``: the named ones. ``"best"``: the ``n_best`` frames
-    with the smallest FWHM, then the lowest noise, among the frames whose quality pass
-    worked and found sources.
+    ``"first"``: frame 0. ``"frames"``: the named ones. ``"best"``: every usable frame by
+    :func:`~dagpre.ops.reference.rank_frames` (smallest FWHM, then lowest background; frames
+    with a non-uniform sky, trailed stars or that the quality model calls bad are left out);
+    the reference task combines the first ``n_best`` of them that agree in photometric scale.
     """
+    from dagpre.ops.reference import rank_frames
+
     ref = workflow.reference
     if ref["select"] == "first":
         return [0]
@@ -96,85 +118,81 @@ def select_reference(workflow: Workflow, paths: Sequence[str], rows: Sequence[An
         if missing:
             raise InputError("reference.frames", f"not among the inputs: {', '.join(missing)}")
         return [index[f] for f in ref["frames"]]
-    good = [
-        r for r in rows if isinstance(r, Mapping) and r["n_sources"] > 0 and np.isfinite(r["fwhm"])
+    usable = [
+        r if isinstance(r, Mapping) and r.get("good", True) and r["n_sources"] > 0 else None
+        for r in rows
     ]
-    if not good:
+    ranked = rank_frames(usable)
+    if not ranked:
         reasons = "; ".join(str(r) for r in rows if isinstance(r, st.Failed))[:300]
         raise InputError("reference", f"no frame is usable as a reference ({reasons})")
-    good.sort(key=lambda r: (round(r["fwhm"], 2), r["noise"], r["index"]))
-    return [r["index"] for r in good[: ref["n_best"]]]
+    return ranked
 
 
 def build_reference(
-    workflow: Workflow, paths: Sequence[str], indices: Sequence[int]
+    workflow: Workflow, paths: Sequence[str], indices: Sequence[int], rows: Sequence[Any] = ()
 ) -> st.Reference:
-    """The reference: the chosen frames aligned onto the first, median-combined, detected.
+    """The reference (:func:`dagpre.ops.reference.build_reference`) with the workflow's settings.
 
-    Frames are background-subtracted and aligned with the workflow's ``align`` settings;
-    a pixel is the median of the frames covering it (NaN where none does, then flagged
-    ``OFF_FOOTPRINT`` and set to 0). Sources are detected on it with the ``detect``
-    settings (at least 5 sigma).
+    ``indices`` are the candidate frames best first (:func:`select_reference`); with
+    ``select: best`` the first ``n_best`` that agree in photometric scale are combined,
+    otherwise exactly the named ones. Frames are masked and background-subtracted with the
+    workflow's ``mask`` and ``background`` settings and aligned with its ``align`` method
+    (Lanczos-3 resampling unless the workflow names an order: the reference is resampled
+    once and should stay sharp); sources are detected with the ``detect`` settings (at least
+    5 sigma) or placed from ``reference.catalog``.
     """
-    from dagpre.backend import to_host
-    from dagpre.ops.detect import detect_sources
-    from dagpre.ops.photometry import aperture_photometry
-    from dagpre.types import MaskBit
+    from dagpre.ops.reference import build_reference as build
 
-    front = [
-        st.background_step(
-            st.mask_step(st.read_step(i, paths[i], workflow.hdu), workflow.steps.get("mask", {}))
-            if "mask" in workflow.steps
-            else st.read_step(i, paths[i], workflow.hdu),
-            workflow.steps.get("background", {}),
-        )
-        for i in indices
-    ]
-    failed = [f for f in front if isinstance(f, st.Failed)]
-    if failed:
-        raise InputError("reference", f"a reference frame failed: {failed[0]}")
-    base = front[0]
-    stack = [np.where(to_host(base.frame.mask) == 0, to_host(base.frame.data), np.nan)]
-    variances = [np.where(to_host(base.frame.mask) == 0, to_host(base.variance), np.nan)]
-    align_params = workflow.steps.get("align", {})
-    base_ref = st.Reference(base.frame.data, base.frame.mask, base.frame.wcs, {}, (), 0.0)
-    for state in front[1:]:
-        moved = st.align_step(state, base_ref, align_params)
-        if isinstance(moved, st.Failed):
-            raise InputError("reference", f"aligning a reference frame failed: {moved}")
-        good = to_host(moved.frame.mask) == 0
-        stack.append(np.where(good, to_host(moved.frame.data), np.nan))
-        variances.append(np.where(good, to_host(moved.variance), np.nan))
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: flagged below
-        image = np.nanmedian(np.stack(stack), axis=0) if len(stack) > 1 else stack[0]
-        count = np.sum(np.isfinite(np.stack(stack)), axis=0)
-        # variance of a median of n values: pi/2 times that of their mean (n >= 3)
-        mean_var = np.nanmean(np.stack(variances), axis=0) / np.maximum(count, 1)
-        variance = mean_var * np.where(count >= 3, np.pi / 2, 1.0)
-    empty = ~np.isfinite(image)
-    mask = np.where(empty, np.uint8(MaskBit.OFF_FOOTPRINT), np.uint8(0))
-    image = np.where(empty, 0.0, image).astype(np.float32)
-    noise = float(np.median([s.metrics["noise"] for s in front])) / np.sqrt(len(front))
-    detect = {"thresh": 5.0, **workflow.steps.get("detect", {})}
-    cat = detect_sources(image, err=noise, mask=mask != 0, wcs=base.frame.wcs, **detect)
-    sources = {k: np.asarray(to_host(v)) for k, v in cat.items()}
-    variance = np.where(empty, np.inf, variance).astype(np.float32)
-    radius = float(workflow.steps.get("photometry", {}).get("radii", [5.0])[0])
-    phot = aperture_photometry(
-        image, sources["x"], sources["y"], radius, err=np.sqrt(variance), mask=mask != 0
-    )
-    sources["flux_aper"] = np.asarray(phot.flux)
-    sources["fluxerr_aper"] = np.asarray(phot.fluxerr)
-    return st.Reference(
-        image, mask, base.frame.wcs, sources, tuple(paths[i] for i in indices), noise, variance
-    )
+    ref = workflow.reference
+    steps = workflow.steps
+    chosen = [paths[i] for i in indices]
+    select = None if ref["select"] == "best" else list(range(len(chosen)))
+    quality = None
+    if select is None:
+        by_index = {r["index"]: r for r in rows if isinstance(r, Mapping)}
+        quality = [by_index.get(i) for i in indices]
+    align = {"method": "wcs", "order": "lanczos3", **steps.get("align", {})}
+    if "order" not in steps.get("align", {}):
+        align["order"] = "lanczos3"
+    catalog = _read_catalog(ref["catalog"]) if ref.get("catalog") else None
+    radius = float(steps.get("photometry", {}).get("radii", [5.0])[0])
+    out = build(
+        chosen, n_best=ref["n_best"] if select is None else len(chosen),
+        combine=ref["combine"], select=select, quality=quality,
+        mask=steps.get("mask") if "mask" in steps else None,
+        background=steps.get("background", {}), align=align,
+        detect={"thresh": 5.0, **steps.get("detect", {})}, catalog=catalog,
+        aperture_radius=radius, hdu=workflow.hdu, psf="auto",
+    )  # fmt: skip
+    # frames by path, as the store records them
+    import dataclasses
+
+    return dataclasses.replace(out, frames=tuple(chosen[i] for i in out.frames))
 
 
-def reference_graph(workflow: Workflow, paths: Sequence[str], indices: Sequence[int]):
+def _read_catalog(path: str) -> dict:
+    """An external source list (any table astropy reads: ECSV, FITS, CSV) with ra, dec."""
+    from astropy.table import Table
+
+    try:
+        table = Table.read(path)
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read the reference catalog: {err}") from None
+    cols = {name.lower(): name for name in table.colnames}
+    missing = [c for c in ("ra", "dec") if c not in cols]
+    if missing:
+        raise InputError(path, f"the reference catalog has no {' or '.join(missing)} column")
+    return {low: np.asarray(table[name]) for low, name in cols.items()
+            if table[name].ndim == 1 and table[name].dtype.kind in "biuf"}  # fmt: skip
+
+
+def reference_graph(
+    workflow: Workflow, paths: Sequence[str], indices: Sequence[int], rows: Sequence[Any] = ()
+):
     """The single ``reference`` task (delayed)."""
     return dask.delayed(build_reference, pure=False)(
-        workflow, list(paths), list(indices), dask_key_name="reference"
+        workflow, list(paths), list(indices), list(rows), dask_key_name="reference"
     )
 
 
@@ -201,9 +219,14 @@ def frame_graph(
             state = dask.delayed(st.subtract_step, pure=False)(
                 state, reference, steps["subtract"], dask_key_name=f"subtract-{i}"
             )
-        found = dask.delayed(st.detect_step, pure=False)(
-            state, steps.get("detect", {}), dask_key_name=f"detect-{i}"
-        )
+        if "subtract" in steps and ("candidates" in steps or "candidates" in workflow.products):
+            found = dask.delayed(st.candidates_step, pure=False)(
+                state, reference, steps.get("candidates", {}), dask_key_name=f"detect-{i}"
+            )
+        else:
+            found = dask.delayed(st.detect_step, pure=False)(
+                state, steps.get("detect", {}), dask_key_name=f"detect-{i}"
+            )
         phot = None
         if "photometry" in steps:
             phot = dask.delayed(st.photometry_step, pure=False)(

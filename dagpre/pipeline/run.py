@@ -99,6 +99,7 @@ def _load_reference(root) -> st.Reference | None:
     return st.Reference(
         ref["image"][:], ref["mask"][:], wcs, sources,
         tuple(root.attrs["reference_frames"]), float(root.attrs["reference_noise"]), variance,
+        zs.read_psf_model(root),
     )  # fmt: skip
 
 
@@ -171,27 +172,45 @@ def _run_group(workflow, key, paths, client, summary, say) -> None:
             )
     reference = _load_reference(root) if root is not None else None
     if reference is None:
-        rows = []
-        if workflow.reference["select"] == "best":
-            rows = client.compute(gr.quality_graph(workflow, paths), sync=True)
+        say(f"quality pass over {len(paths)} frame(s)")
+        rows = client.compute(gr.quality_graph(workflow, paths), sync=True)
         indices = gr.select_reference(workflow, paths, rows)
-        names = ", ".join(Path(paths[i]).name for i in indices)
-        say(f"reference from {len(indices)} frame(s): {names}")
-        reference = client.compute(gr.reference_graph(workflow, paths, indices), sync=True)
+        reference = client.compute(gr.reference_graph(workflow, paths, indices, rows), sync=True)
+        names = ", ".join(Path(p).name for p in reference.frames)
+        say(f"reference from {len(reference.frames)} frame(s): {names}")
+        for note in reference.notes:
+            say(f"reference: {note}")
         root = zs.create_store(
             store_path, paths, reference.image.shape, products=workflow.products,
             chunks=workflow.store["chunks"], sharding=workflow.store["sharding"],
             workflow_text=workflow.text, overwrite=True,
         )  # fmt: skip
         zs.write_reference(
-            root, reference.image, reference.mask, reference.sources,
+            root, reference.image, reference.mask, reference.sources, psf=reference.psf,
             frames=reference.frames, variance=reference.variance,
         )  # fmt: skip
         root.attrs["wcs_header"] = reference.wcs.to_header_string() if reference.wcs else ""
         root.attrs["reference_noise"] = reference.noise
+        root.attrs["reference_notes"] = list(reference.notes)
+        in_ref = set(reference.frames)
+        for r in rows:
+            if isinstance(r, dict):
+                values = {k: v for k, v in r.items() if k in zs.FRAME_COLUMNS}
+                zs.write_frame_row(root, r["index"], {**values, "reference": paths[r["index"]]
+                                                      in in_ref})  # fmt: skip
+        if workflow.steps.get("quality", {}).get("exclude"):
+            for r in rows:
+                if isinstance(r, dict) and not r.get("good", True):
+                    reason = f"quality: bad frame (bad area {r.get('bad_fraction', 0):.0%})"
+                    zs.set_frame_status(root, r["index"], "failed", reason)
+                    say(f"frame {r['index']} excluded: {reason}")
     summary.stores.append(store_path)
     done = set(zs.done_frames(root).tolist())
-    todo = [i for i in range(len(paths)) if i not in done]
+    excluded = set()
+    if workflow.steps.get("quality", {}).get("exclude"):
+        errors = root["frames"]["error"][:]
+        excluded = {i for i, e in enumerate(errors.tolist()) if str(e).startswith("quality:")}
+    todo = [i for i in range(len(paths)) if i not in done and i not in excluded]
     summary.skipped += len(done)
     if done:
         say(f"{store_path}: {len(done)} frame(s) already done, {len(todo)} to compute")
@@ -207,4 +226,61 @@ def _run_group(workflow, key, paths, client, summary, say) -> None:
             if row["status"] == "failed":
                 say(f"frame {row['index']} failed: {row['error']}")
             say(_bar(len(summary.rows) - n_before, len(todo)))
+    finish_store(root, workflow, reference, say)
     summary.rows.sort(key=lambda r: (r["path"], r["index"]))
+
+
+def finish_store(root, workflow: Workflow, reference: st.Reference, say=print) -> None:
+    """Night-wide products once the frames are done: variability, magnitudes, candidates.
+
+    * :func:`~dagpre.ops.variability.variability` of every reference source's light curve
+      (over the frames done) becomes columns of the reference's sources table;
+    * with ``photometry.zero_point``, ``mag`` and ``mag_err`` planes
+      (``zero_point - 2.5 log10(flux)``) join the light curves;
+    * the frames' difference-image detections are matched into the ``candidates`` table
+      (:func:`~dagpre.ops.candidates.match_candidates`).
+    """
+    from dagpre.ops.candidates import match_candidates
+    from dagpre.ops.variability import variability
+
+    phot = workflow.steps.get("photometry", {})
+    done = zs.done_frames(root)
+    if "lightcurves" in root and done.size:
+        lc = root["lightcurves"]
+        flux, err, flag = lc["flux"][:], lc["flux_err"][:], lc["flag"][:]
+        use = np.zeros(flux.shape[1], dtype=bool)
+        use[done] = True
+        keys = ("false_alarm", "min_chi2_dof", "error_floor")
+        stats = variability(
+            flux[:, use], err[:, use], flag[:, use], **{k: phot[k] for k in keys if k in phot}
+        )
+        zs.write_source_columns(root, stats)
+        say(f"variability: {int(stats['variable'].sum())} of {flux.shape[0]} sources flagged")
+        if phot.get("zero_point") is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mag = phot["zero_point"] - 2.5 * np.log10(flux)
+                mag_err = 2.5 / np.log(10) * err / flux
+            for name, plane in (("mag", mag), ("mag_err", mag_err)):
+                arr = lc.create_array(
+                    name, shape=plane.shape, dtype="float64", chunks=lc["flux"].chunks,
+                    dimension_names=("source", "frame"), overwrite=True,
+                )  # fmt: skip
+                arr[:] = np.where(flux > 0, plane, np.nan)
+            root.attrs["zero_point"] = float(phot["zero_point"])
+    if "detections" in root:
+        n = root["frames"]["path"].shape[0]
+        detections = [zs.read_detections(root, i) if i in set(done.tolist()) else None
+                      for i in range(n)]  # fmt: skip
+        params = workflow.steps.get("candidates", {})
+        keys = ("min_detections", "radius", "source_radius", "residual_radius", "residual_ratio")
+        src = reference.sources
+        ref_flux = src["flux_psf"] if "flux_psf" in src else src.get("flux_aper")
+        table = match_candidates(
+            detections, reference_xy=(src["x"], src["y"]), wcs=reference.wcs,
+            reference_flux=ref_flux,
+            **{k: params[k] for k in keys if k in params},
+        )  # fmt: skip
+        zs.write_candidates(root, table)
+        n_det = sum(len(d["x"]) for d in detections if d)
+        say(f"candidates: {len(table['id'])} from {n_det} detections "
+            f"({int(table['residual'].sum())} marked as bright-star residuals)")  # fmt: skip

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import to_host, xp_of
+from dagpre.ops.reference import Reference
 from dagpre.types import DagpreError, Frame, InputError, MaskBit
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "Reference",
     "align_step",
     "background_step",
+    "candidates_step",
     "detect_step",
     "mask_step",
     "photometry_step",
@@ -76,6 +78,14 @@ class FrameState:
         Per reference source, the factor that turns a flux on the difference into the
         reference's photometric scale (1 / the photometric scale when the reference was
         convolved, 1 when the science was).
+    subtraction : Subtraction or None
+        The subtraction itself (its kernel, for PSF photometry through it).
+    sum_variance : ndarray or None
+        After alignment: ``variance`` without the resampling's ``sum w^2`` reduction (the
+        input pixels' variance on the new grid); light-curve errors start from it.
+    resampling : (transform, order) or None
+        After alignment: how the pixels were resampled, for
+        :func:`~dagpre.ops.align.correlated_noise_factor`.
     """
 
     index: int
@@ -87,19 +97,9 @@ class FrameState:
     difference_variance: Any = None
     difference_mask: Any = None
     to_reference_units: Any = None
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The reference every frame is aligned to and measured against."""
-
-    image: Any
-    mask: Any
-    wcs: Any
-    sources: Mapping[str, np.ndarray]
-    frames: tuple
-    noise: float
-    variance: Any = None
+    subtraction: Any = None
+    sum_variance: Any = None
+    resampling: Any = None
 
 
 def _guarded(step: str) -> Callable:
@@ -173,67 +173,35 @@ def background_step(state: FrameState, params: Mapping[str, Any]) -> FrameState:
     return replace(state, frame=replace(frame, data=data), variance=variance, metrics=metrics)
 
 
-def _used_order(out, params: Mapping[str, Any]) -> str:
-    """The interpolation :func:`~dagpre.ops.align.align` actually used."""
-    if out.method == "xcorr" and not params.get("subpixel", False):
-        return "nearest"
-    return params.get("order", "bilinear")
-
-
-def _interpolation_variance_factor(out, shape, order: str):
-    """Per output pixel, ``sum_i w_i^2`` of the interpolation taps (``(ny, nx)`` array).
-
-    Resampling averages neighbouring pixels, so the resampled image's noise is smaller than
-    the resampled variance map says: for locally constant variance the output variance is
-    the input's times ``sum_i w_i^2`` (1 at pixel centres, 1/4 for bilinear at a pixel
-    corner). Exact for ``bilinear`` and ``lanczos3`` (whose taps weight the pixels
-    directly); ``nearest`` needs none; ``bicubic``'s prefiltered spline has no such form
-    and keeps factor 1 (its variance map is then an overestimate).
-    """
-    from dagpre.ops.warp import _weights
-
-    if order in ("nearest", "bicubic"):
-        return None
-    if hasattr(out.transform, "full"):  # a solved WCS PixelMap
-        x_in, y_in = out.transform.full()
-    else:
-        xp = xp_of(out.image)
-        inv = np.linalg.inv(np.asarray(out.transform.matrix, dtype=np.float64))
-        yy, xx = (a.astype(np.float64) for a in xp.mgrid[0 : shape[0], 0 : shape[1]])
-        w = inv[2, 0] * xx + inv[2, 1] * yy + inv[2, 2]
-        x_in = (inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]) / w
-        y_in = (inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]) / w
-    xp = xp_of(x_in)
-    factor = None
-    for coord in (x_in, y_in):
-        frac = coord - xp.floor(coord)
-        part = sum(wk * wk for wk in _weights(order, frac, xp))
-        factor = part if factor is None else factor * part
-    return factor.astype(np.float32)
-
-
 @_guarded("align")
 def align_step(state: FrameState, reference: Reference, params: Mapping[str, Any]) -> FrameState:
     """Resample onto the reference grid (:func:`~dagpre.ops.align.align`), variance too.
 
-    The variance map is resampled the same way and scaled by the taps' ``sum w^2`` (see
-    :func:`_interpolation_variance_factor`), so it describes the resampled pixels' noise.
+    The variance map is moved with the same mapping and scaled by the taps' ``sum w^2``
+    (:func:`~dagpre.ops.align.align_with_variance`), so it describes the resampled pixels'
+    noise.
     """
-    from dagpre.ops.align import align
+    from dagpre.ops.align import align_with_variance
 
     ref = Frame(reference.image, reference.mask, wcs=reference.wcs, meta={})  # the grid to land on
-    out = align(state.frame, ref, **params)
-    var = align(replace(state.frame, data=state.variance.astype(np.float32)), ref, **params).image
-    factor = _interpolation_variance_factor(out, ref.shape, _used_order(out, params))
-    if factor is not None:
-        var = var * factor
+    out, var, factor = align_with_variance(
+        state.frame, state.variance, ref, return_factor=True, **params
+    )
     xp = xp_of(out.image)
     off = out.footprint == 0
     mask = out.mask | xp.where(off, np.uint8(MaskBit.OFF_FOOTPRINT), np.uint8(0))
     image = xp.where(off, np.float32(0), out.image).astype(np.float32)
     frame = Frame(image, mask.astype(np.uint8), state.frame.header, reference.wcs,
                   dict(state.frame.meta))  # fmt: skip
-    return replace(state, frame=frame, variance=xp.where(off, np.inf, var), footprint=out.footprint)
+    var = xp.where(off, np.inf, var)
+    sum_var = var if factor is None else xp.where(off, np.inf, var / factor)
+    order = params.get("order", "bilinear")
+    if out.method == "xcorr" and not params.get("subpixel", False):
+        order = "nearest"
+    return replace(
+        state, frame=frame, variance=var, footprint=out.footprint, sum_variance=sum_var,
+        resampling=(out.transform, order),
+    )  # fmt: skip
 
 
 @_guarded("subtract")
@@ -250,7 +218,7 @@ def subtract_step(state: FrameState, reference: Reference, params: Mapping[str, 
     factor = 1.0 / sub.scale_at(x, y) if sub.convolved == "reference" else np.ones(x.shape)
     return replace(
         state, difference=sub.difference, difference_variance=sub.variance,
-        difference_mask=sub.mask, to_reference_units=factor,
+        difference_mask=sub.mask, to_reference_units=factor, subtraction=sub,
     )  # fmt: skip
 
 
@@ -275,23 +243,84 @@ def detect_step(state: FrameState, params: Mapping[str, Any]) -> dict:
 
 @_guarded("quality")
 def quality_step(state: FrameState, params: Mapping[str, Any]) -> dict:
-    """The frame-table metrics used to choose the reference (small: gathered)."""
-    found = detect_step(state, params)
-    if isinstance(found, Failed):
-        return Failed("quality", found.reason)
-    return {
-        "index": state.index,
-        "fwhm": found["fwhm"],
-        "noise": state.metrics["noise"],
-        "background": state.metrics["background"],
-        "n_sources": found["n_sources"],
-    }
+    """The frames-table quality row of a raw frame (small: gathered by the client).
+
+    ``params``: ``background`` and ``detect`` (the workflow's step settings, passed to
+    :func:`~dagpre.ops.quality.frame_quality`) and ``model`` (a saved
+    :class:`~dagpre.ml.quality.QualityModel`, optional) with ``threshold`` and
+    ``max_bad_fraction``: its frame score goes to ``quality``, the bad area to
+    ``bad_fraction`` and the verdict to ``good``.
+    """
+    from dagpre.ops.quality import frame_quality
+
+    detect = {k: v for k, v in params.get("detect", {}).items() if k != "thresh"}
+    q = frame_quality(
+        state.frame, background=params.get("background", {}), detect=detect,
+        thresh=params.get("detect", {}).get("thresh", 5.0),
+    )  # fmt: skip
+    row = {"index": state.index, **q.as_dict(), "good": True}
+    model_path = params.get("model")
+    if model_path:
+        from dagpre.ml.quality import QualityModel, score_frame
+
+        model = QualityModel.load(model_path)
+        scored = score_frame(
+            model, state.frame.data, state.frame.mask,
+            **{k: params[k] for k in ("threshold", "max_bad_fraction") if k in params},
+        )  # fmt: skip
+        row.update(quality=scored["quality"], bad_fraction=scored["bad_fraction"],
+                   good=bool(scored["good"]))  # fmt: skip
+    return row
+
+
+def _noise_factors(state: FrameState, reference: Reference, radius: float, shape) -> tuple:
+    """Per source, the variance factor of resampled noise for the aperture and the PSF fit.
+
+    :func:`~dagpre.ops.align.correlated_noise_factor` with the reference PSF at the field
+    centre (a faint star's fit weights) and a disc of ``radius`` (the aperture), at every
+    source's own sub-pixel offset.
+    """
+    from dagpre.ops.align import correlated_noise_factor
+
+    x, y = reference.sources["x"], reference.sources["y"]
+    n = len(x)
+    if state.resampling is None or n == 0:
+        return np.ones(n), np.ones(n)
+    transform, order = state.resampling
+    xp = xp_of(state.difference)
+    h = int(np.ceil(radius)) + 1
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+    disc = xp.asarray((xx * xx + yy * yy <= radius * radius).astype(np.float64))
+    f_aper = correlated_noise_factor(
+        transform, shape, order, x, y, xp.broadcast_to(disc, (n, *disc.shape))
+    )
+    f_psf = f_aper
+    if reference.psf is not None:
+        stamp = reference.psf.stamp() if hasattr(reference.psf, "stamp") else reference.psf
+        stamp = xp.asarray(stamp, dtype=np.float64)
+        f_psf = correlated_noise_factor(
+            transform, shape, order, x, y, xp.broadcast_to(stamp, (n, *stamp.shape))
+        )
+    return np.asarray(to_host(f_aper)), np.asarray(to_host(f_psf))
 
 
 @_guarded("photometry")
 def photometry_step(state: FrameState, reference: Reference, params: Mapping[str, Any]) -> dict:
-    """Aperture fluxes at every reference source on the aligned frame: a light-curve column."""
+    """A light-curve column: every reference source measured on this frame.
+
+    Without subtraction: aperture fluxes on the aligned frame (``flux``; ``flux_aper`` the
+    same). With it (pyDIA's light curves): the difference flux by PSF fitting
+    (:func:`~dagpre.ops.psfphot.psf_photometry` with the reference's PSF model through the
+    fitted kernel when the reference was convolved, so that it is on the reference's
+    photometric scale) plus the source's reference PSF flux gives ``flux``; the aperture
+    flux on the difference, scaled to the reference, plus the reference aperture flux gives
+    ``flux_aper``. Errors are the science frame's noise as a sum over pixels sees it
+    (:attr:`FrameState.sum_variance`): the point-to-point scatter of a light curve. The
+    reference's own noise is common to every point (an offset of the whole light curve) and
+    is the reference flux's error, ``fluxerr_psf`` / ``fluxerr_aper`` of the sources table.
+    """
     from dagpre.ops.photometry import aperture_photometry
+    from dagpre.ops.psfphot import psf_photometry
 
     radii = params.get("radii", [5.0])
     x = reference.sources["x"]
@@ -299,19 +328,51 @@ def photometry_step(state: FrameState, reference: Reference, params: Mapping[str
     if state.difference is None:  # no subtraction: fluxes measured on the aligned frame
         image, var, mask = state.frame.data, state.variance, state.frame.mask
     else:
-        image, var, mask = state.difference, state.difference_variance, state.difference_mask
+        image, mask = state.difference, state.difference_mask
+        # point-to-point noise: the science frame's, as sums over pixels see it
+        var = state.sum_variance if state.sum_variance is not None else state.variance
     err = xp_of(var).sqrt(var) if var is not None else state.metrics.get("noise")
     phot = aperture_photometry(image, x, y, float(radii[0]), err=err, mask=mask != 0, subpix=0)
     flux = np.asarray(to_host(phot.flux))
     flux_err = np.asarray(to_host(phot.fluxerr))
-    if state.difference is not None:  # total flux on the reference's scale
-        flux = reference.sources["flux_aper"] + flux * state.to_reference_units
-        flux_err = flux_err * state.to_reference_units
-    return {
-        "flux": flux,
-        "flux_err": flux_err,
-        "flag": np.asarray(to_host(phot.flag)).astype(np.int32),
-    }
+    flag = np.asarray(to_host(phot.flag)).astype(np.int32)
+    if state.difference is None:
+        return {"flux": flux, "flux_err": flux_err, "flag": flag, "flux_aper": flux,
+                "fluxerr_aper": flux_err}  # fmt: skip
+    sub = state.subtraction
+    units = state.to_reference_units
+    f_aper, f_psf = _noise_factors(state, reference, float(radii[0]), image.shape)
+    flux_err = flux_err * np.sqrt(f_aper)
+    aper = reference.sources["flux_aper"] + flux * units
+    # convolving the science scales its noise by the kernel sum (the photometric scale)
+    noise_scale = units
+    if sub is not None and sub.convolved == "science":
+        noise_scale = np.asarray(to_host(sub.scale_at(x, y)))
+    out = {"flux_aper": aper, "fluxerr_aper": flux_err * noise_scale}
+    if reference.psf is None or "flux_psf" not in reference.sources:
+        return {**out, "flux": aper, "flux_err": out["fluxerr_aper"], "flag": flag}
+    kernel = sub if sub is not None and sub.convolved == "reference" else None
+    fit = psf_photometry(image, reference.psf, x, y, variance=var, kernel=kernel, mask=mask)
+    out["flux"] = reference.sources["flux_psf"] + np.asarray(to_host(fit.flux))
+    fit_err = np.asarray(to_host(fit.fluxerr)) * np.sqrt(f_psf)
+    out["flux_err"] = fit_err if kernel is not None else fit_err * noise_scale
+    out["flag"] = np.asarray(to_host(fit.flag)).astype(np.int32)
+    return out
+
+
+@_guarded("detect")
+def candidates_step(state: FrameState, reference: Reference, params: Mapping[str, Any]) -> dict:
+    """Detections on the difference image (:func:`~dagpre.ops.candidates.difference_detections`)."""
+    from dagpre.ops.candidates import difference_detections
+
+    if state.difference is None:
+        raise InputError("candidates", "needs the subtract step (detections on the difference)")
+    keys = ("thresh", "minarea", "negative", "min_snr")
+    det = difference_detections(
+        state.difference, state.difference_variance, state.difference_mask,
+        psf=reference.psf, **{k: params[k] for k in keys if k in params},
+    )  # fmt: skip
+    return {"n_sources": len(det["x"]), "fwhm": math.nan, "detections": det}
 
 
 def write_step(store_path: str, index: int, state: Any, found: Any, phot: Any) -> dict:
@@ -339,8 +400,10 @@ def write_step(store_path: str, index: int, state: Any, found: Any, phot: Any) -
     zs.write_frame(root, index, products)
     if "lightcurves" in root and phot is not None:
         zs.write_lightcurve_column(root, index, phot)
+    if "detections" in found:
+        zs.write_detections(root, index, found["detections"])
     row = {k: v for k, v in state.metrics.items() if k in zs.FRAME_COLUMNS}
-    row.update(n_sources=found["n_sources"], fwhm=found["fwhm"])
-    zs.write_frame_row(root, index, row)
+    zs.write_frame_row(root, index, row)  # quality columns come from the quality pass
     zs.set_frame_status(root, index, "done")
-    return {"index": index, "status": "done", "error": "", **row}
+    return {"index": index, "status": "done", "error": "", **row,
+            "detections": found["n_sources"]}  # fmt: skip

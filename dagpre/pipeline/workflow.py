@@ -12,7 +12,7 @@ what was expected, what was found and the file and line::
 
 A step present in ``steps`` runs (an empty entry runs it with its defaults); a step left
 out does not. Steps always run in the pipeline's order, whatever their order in the file:
-read, quality, mask, background, align, subtract, detect, photometry, write.
+read, quality, mask, background, align, subtract, detect, photometry, candidates, write.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ STEP_ORDER = (
     "subtract",
     "detect",
     "photometry",
+    "candidates",
     "write",
 )
 
@@ -262,6 +263,21 @@ STEP_PARAMETERS: dict[str, dict[str, Callable]] = {
         "radii": _list_of(_float(0), single=True),
         "bkgann": _optional(_pair_of(_float(0))),
         "kron": _bool,
+        "zero_point": _optional(_float()),
+        "false_alarm": _float(0.0, 1.0),
+        "min_chi2_dof": _float(0, strict=False),
+        "error_floor": _float(0, strict=False),
+    },
+    "candidates": {
+        "thresh": _float(0),
+        "minarea": _int(1),
+        "negative": _bool,
+        "min_snr": _float(0),
+        "min_detections": _int(1),
+        "radius": _float(0),
+        "source_radius": _float(0),
+        "residual_radius": _float(0),
+        "residual_ratio": _float(0),
     },
     "write": {"quicklook": _bool},
 }
@@ -281,6 +297,7 @@ _TOP = {
             "n_best": _int(1),
             "frames": _list_of(_str, single=True),
             "combine": _choice("median", "mean_clip"),
+            "catalog": _optional(_str),
         }
     ),
     "steps": _section({name: _section(spec) for name, spec in STEP_PARAMETERS.items()}),
@@ -475,6 +492,10 @@ def _complete(checked: dict, text: str, source: str, base_dir) -> Workflow:
             "reference.frames", "missing: select is 'frames' but no frames are named" + where
         )
     reference["frames"] = [absolute(p) for p in reference.get("frames", [])]
+    reference["catalog"] = absolute(reference["catalog"]) if reference.get("catalog") else None
+    quality = checked.get("steps", {}).get("quality") or {}
+    if quality.get("model"):
+        quality["model"] = absolute(quality["model"])
     cluster = {**DEFAULTS["cluster"], **checked.get("cluster", {})}
     if cluster["kind"] == "address" and not cluster["address"]:
         raise InputError("cluster.address", "missing: kind is 'address' but none is given" + where)
