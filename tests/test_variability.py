@@ -61,7 +61,8 @@ def _difference(shape, xs, ys, fluxes, fwhm, noise, seed):
 
 def test_difference_detections_find_both_signs_and_nothing_in_noise():
     """Point sources at S/N 15-40 (by PSF fit) are all found with their sign; pure noise of
-    256x256 gives no detection at 5 sigma; the PSF-fit S/N is within 20 % of the truth."""
+    256x256 gives no detection at 5 sigma; the PSF-fit S/N is within 20 % of the truth; a
+    hot pixel is dropped as sharper than the PSF (and found without that cut)."""
     shape, fwhm, noise = (256, 256), 3.0, 10.0
     psf = sim.render_sources((15, 15), [7.0], [7.0], [1.0], [fwhm], psf="gaussian")
     xs, ys = [40.3, 100.7, 200.2, 150.5], [50.1, 180.6, 90.4, 220.8]
@@ -78,6 +79,11 @@ def test_difference_detections_find_both_signs_and_nothing_in_noise():
     assert det["sign"][near].tolist() == [1, 1, -1, -1]
     blank, var = _difference(shape, [], [], [], fwhm, noise, 3)
     assert len(difference_detections(blank, var, psf=psf)["x"]) == 0
+    hot = diff.copy()
+    hot[120, 60] += 50 * noise  # a hot pixel: far above threshold, sharper than any star
+    near_hot = difference_detections(hot, var, psf=psf)
+    assert len(near_hot["x"]) == 4 and np.hypot(near_hot["x"] - 60, near_hot["y"] - 120).min() > 5
+    assert len(difference_detections(hot, var, psf=psf, min_fwhm_ratio=0)["x"]) == 5
     mask = np.zeros(shape, np.uint8)
     mask[40:60, 30:50] = 2  # the first source sits on masked pixels: not reported
     det = difference_detections(diff, var, mask, psf=psf)

@@ -355,5 +355,8 @@ def align_with_variance(
     if factor is not None:
         var = var * factor
     xp = xp_of(out.image)
+    # Lanczos' negative lobes ring below zero beside a bright star's variance peak: a
+    # variance is never negative (0 marks the pixel unusable downstream)
+    var = xp.maximum(var, np.float32(0))
     var = xp.where(out.footprint == 0, np.float32(np.inf), var).astype(np.float32)
     return (out, var, factor) if return_factor else (out, var)

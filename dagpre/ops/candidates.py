@@ -8,7 +8,9 @@ Two steps, each vectorised:
   its per-pixel error. Each detection's S/N is the PSF-fit flux over its error when a PSF is
   given (the matched-filter S/N), else the flux in a 1.5-FWHM aperture over its error.
   Detections touching masked pixels are dropped (saturated cores, bleed trails, frame
-  edges leave residuals that are not astrophysical).
+  edges leave residuals that are not astrophysical), and so are detections sharper than a
+  star (half-maximum FWHM below ``min_fwhm_ratio`` times the PSF's: hot pixels and cosmic
+  rays, which resampling leaves about one pixel wide).
 * :func:`match_candidates` (per night): detections of all frames within ``radius`` px of
   each other (friends of friends) are one candidate; a candidate is kept when seen in at
   least ``min_detections`` frames (a cosmic ray or a noise peak is seen once). Its
@@ -54,6 +56,7 @@ def difference_detections(
     fwhm: float = 3.0,
     negative: bool = True,
     min_snr: float | None = None,
+    min_fwhm_ratio: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """Detections on one difference image: ``x, y, flux, fluxerr, snr, sign`` (NumPy).
 
@@ -70,11 +73,14 @@ def difference_detections(
     psf : callable or ndarray, optional
         PSF for the S/N (:func:`~dagpre.ops.psfphot.psf_photometry`); None: aperture S/N.
     fwhm : float
-        PSF FWHM, px (aperture radius ``1.5 * fwhm`` without ``psf``).
+        PSF FWHM, px (aperture radius ``1.5 * fwhm`` without ``psf``; a PSF model's own
+        ``fwhm`` is used when it has one).
     negative : bool
         Also detect negative residuals (``sign = -1``).
     min_snr : float, optional
         Keep detections whose measured S/N (absolute) reaches this (default ``thresh``).
+    min_fwhm_ratio : float
+        Detections narrower than this fraction of the PSF FWHM are dropped (0 keeps all).
 
     Returns
     -------
@@ -93,6 +99,7 @@ def difference_detections(
     err = xp.sqrt(xp.where(bad, np.float32(1), variance)).astype(np.float32)
     data = xp.where(bad, np.float32(0), difference).astype(np.float32)
     min_snr = thresh if min_snr is None else min_snr
+    fwhm = float(getattr(psf, "fwhm", fwhm))
     cols: dict[str, list] = {k: [] for k in ("x", "y", "flux", "fluxerr", "snr", "sign")}
     for sign in (1, -1) if negative else (1,):
         cat = detect_sources(sign * data, thresh=thresh, err=err, mask=bad, minarea=minarea)
@@ -111,7 +118,9 @@ def difference_detections(
                                                                  phot.flag))  # fmt: skip
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = flux / ferr
+        width = np.asarray(to_host(cat["fwhm"]), dtype=np.float64)
         keep = (flag == 0) & np.isfinite(snr) & (sign * snr >= min_snr)
+        keep &= width >= min_fwhm_ratio * fwhm
         cols["x"].append(x[keep])
         cols["y"].append(y[keep])
         cols["flux"].append(flux[keep].astype(np.float64))

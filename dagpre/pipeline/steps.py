@@ -367,7 +367,7 @@ def candidates_step(state: FrameState, reference: Reference, params: Mapping[str
 
     if state.difference is None:
         raise InputError("candidates", "needs the subtract step (detections on the difference)")
-    keys = ("thresh", "minarea", "negative", "min_snr")
+    keys = ("thresh", "minarea", "negative", "min_snr", "min_fwhm_ratio")
     det = difference_detections(
         state.difference, state.difference_variance, state.difference_mask,
         psf=reference.psf, **{k: params[k] for k in keys if k in params},

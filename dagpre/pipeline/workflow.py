@@ -273,6 +273,7 @@ STEP_PARAMETERS: dict[str, dict[str, Callable]] = {
         "minarea": _int(1),
         "negative": _bool,
         "min_snr": _float(0),
+        "min_fwhm_ratio": _float(0, strict=False),
         "min_detections": _int(1),
         "radius": _float(0),
         "source_radius": _float(0),
