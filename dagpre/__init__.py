@@ -71,6 +71,7 @@ _LAZY = {
     "select_psf_stars": "dagpre.ops.psf:select_psf_stars",
     "PSFModel": "dagpre.ops.psf:PSFModel",
     "ml": "dagpre.ml",
+    "QualityModel": "dagpre.ml.quality:QualityModel",
 }
 
 __all__ = [
