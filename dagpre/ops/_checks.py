@@ -46,3 +46,20 @@ def check_shape(shape: Any, name: str) -> tuple[int, int]:
     if ny < 1 or nx < 1 or (ny, nx) != tuple(shape):
         raise InputError(name, f"expected two positive integers (ny, nx), got {shape!r}")
     return ny, nx
+
+
+def usable_pixels(xp: Any, image: Any, variance: Any = None, mask: Any = None) -> tuple:
+    """``(data, var, usable)``: float64 copies and where a pixel may be fitted.
+
+    A pixel is usable when its value is finite, its variance (if given) finite and
+    positive, and its mask (if given) 0. ``var`` is None without ``variance``.
+    """
+    data = xp.asarray(image, dtype=xp.float64)
+    usable = xp.isfinite(data)
+    var = None
+    if variance is not None:
+        var = xp.asarray(variance, dtype=xp.float64)
+        usable &= xp.isfinite(var) & (var > 0)
+    if mask is not None:
+        usable &= xp.asarray(mask) == 0
+    return data, var, usable

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from dagpre.backend import to_host, xp_of
-from dagpre.ops._checks import check_image, check_positive_int, check_shape
+from dagpre.ops._checks import check_image, check_positive_int, check_shape, usable_pixels
 from dagpre.types import InputError, MaskBit
 
 __all__ = ["PSFModel", "build_psf", "select_psf_stars"]
@@ -767,13 +767,7 @@ def build_psf(
     need = _MIN_STARS[order]
     if n < need:
         raise InputError("x", _too_few(n, order))
-    data = xp.asarray(image, dtype=xp.float64)
-    usable = xp.isfinite(data)
-    if variance is not None:
-        var = xp.asarray(variance, dtype=xp.float64)
-        usable &= xp.isfinite(var) & (var > 0)
-    if mask is not None:
-        usable &= xp.asarray(mask) == 0
+    data, var, usable = usable_pixels(xp, image, variance, mask)
     data = xp.where(usable, data, 0.0)
     weight = None
     if variance is not None:

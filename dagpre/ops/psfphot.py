@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagpre.backend import fft_of, xp_of
-from dagpre.ops._checks import check_image
+from dagpre.ops._checks import check_image, usable_pixels
 from dagpre.types import InputError
 
 __all__ = [
@@ -186,13 +186,7 @@ def psf_photometry(
     back = xp.full(n, xp.nan) if fit_background else None
     if n == 0:
         return PSFPhotometry(flux, err, flag, chi2, npix, back)
-    data = xp.asarray(difference, dtype=xp.float64)
-    usable = xp.isfinite(data)
-    if variance is not None:
-        var = xp.asarray(variance, dtype=xp.float64)
-        usable &= xp.isfinite(var) & (var > 0)
-    if mask is not None:
-        usable &= xp.asarray(mask) == 0
+    data, var, usable = usable_pixels(xp, difference, variance, mask)
     ix = xp.floor(xs + 0.5).astype(xp.int64)
     iy = xp.floor(ys + 0.5).astype(xp.int64)
     # the window: the model's side, or the radius when given (whichever is smaller)
