@@ -33,6 +33,7 @@ __all__ = [
     "align_with_variance",
     "correlated_noise_factor",
     "interpolation_variance_factor",
+    "subpixel_offsets",
 ]
 
 METHODS = ("wcs", "stars", "xcorr")
@@ -60,6 +61,9 @@ class Aligned:
         The method used.
     shift : XcorrShift or None
         The measured shift and its significance (``"xcorr"`` only).
+    order : str
+        The interpolation actually used (``"nearest"`` for a whole-pixel ``"xcorr"`` shift,
+        whatever was asked).
     """
 
     image: Any
@@ -68,6 +72,7 @@ class Aligned:
     mask: Any = None
     method: str = "wcs"
     shift: Any = None
+    order: str = "bilinear"
 
 
 def _unpack(obj: Any, name: str) -> tuple[Any, Any, Any]:
@@ -167,7 +172,7 @@ def align(
             data, wcs, reference_wcs, shape_out, order, mask=mask, return_footprint=True,
             conserve_flux=conserve_flux, threads=threads,
         )  # fmt: skip
-        return Aligned(out.image, out.footprint, out.mapping, out.mask, "wcs")
+        return Aligned(out.image, out.footprint, out.mapping, out.mask, "wcs", order=order)
 
     shift = None
     if method == "stars":
@@ -187,7 +192,7 @@ def align(
         data, transform.matrix, shape_out, order, mask=mask, conserve_flux=conserve_flux,
         threads=threads,
     )  # fmt: skip
-    return Aligned(out.image, out.footprint, transform, out.mask, method, shift)
+    return Aligned(out.image, out.footprint, transform, out.mask, method, shift, order)
 
 
 def interpolation_variance_factor(out: Aligned, shape: tuple[int, int], order: str) -> Any:
@@ -228,9 +233,31 @@ def _input_coordinates(transform: Any, shape: tuple[int, int], xp: Any) -> tuple
     )
 
 
-def correlated_noise_factor(
-    transform: Any, shape: tuple[int, int], order: str, x: Any, y: Any, stamps: Any
-) -> Any:
+def subpixel_offsets(transform: Any, shape: tuple[int, int], x: Any, y: Any) -> tuple:
+    """Fractional parts ``(fx, fy)`` of the input-frame position that each star's pixel on
+    the reference grid was resampled from (the taps' offsets there).
+
+    Parameters
+    ----------
+    transform : PixelMap or Transform
+        An alignment's ``Aligned.transform``.
+    shape : (int, int)
+        The reference grid.
+    x, y : ndarray (n,)
+        Star positions on the reference grid, px (0-based pixel centres).
+    """
+    from dagpre.backend import xp_of
+
+    xp = xp_of(x)
+    x_in, y_in = _input_coordinates(transform, shape, xp)
+    ny, nx = shape
+    ix = xp.clip(xp.floor(xp.asarray(x) + 0.5).astype(np.int64), 0, nx - 1)
+    iy = xp.clip(xp.floor(xp.asarray(y) + 0.5).astype(np.int64), 0, ny - 1)
+    xs, ys = x_in[iy, ix], y_in[iy, ix]
+    return xs - xp.floor(xs), ys - xp.floor(ys)
+
+
+def correlated_noise_factor(order: str, fx: Any, fy: Any, stamps: Any) -> Any:
     """Per star, how much resampling changed the variance of a weighted sum over its pixels.
 
     A measurement ``sum_i a_i D_i`` of resampled pixels ``D_i = sum_k t_k S_(i+k)``
@@ -242,14 +269,10 @@ def correlated_noise_factor(
 
     Parameters
     ----------
-    transform : PixelMap or Transform
-        The alignment's ``Aligned.transform`` (it gives the sub-pixel offsets).
-    shape : (int, int)
-        The reference grid.
     order : str
-        The interpolation used.
-    x, y : ndarray (n,)
-        Star positions on the reference grid, px.
+        The interpolation used (``Aligned.order``).
+    fx, fy : ndarray (n,)
+        The taps' offsets at each star (:func:`subpixel_offsets`).
     stamps : ndarray (n, s, s)
         Measurement weights per star.
 
@@ -265,12 +288,6 @@ def correlated_noise_factor(
     n = stamps.shape[0]
     if order in ("nearest", "bicubic") or n == 0:
         return xp.ones(n)
-    x_in, y_in = _input_coordinates(transform, shape, xp)
-    ny, nx = shape
-    ix = xp.clip(xp.floor(xp.asarray(x) + 0.5).astype(np.int64), 0, nx - 1)
-    iy = xp.clip(xp.floor(xp.asarray(y) + 0.5).astype(np.int64), 0, ny - 1)
-    fx = x_in[iy, ix] - xp.floor(x_in[iy, ix])
-    fy = y_in[iy, ix] - xp.floor(y_in[iy, ix])
     a = stamps.astype(np.float64)
     for axis, frac in ((2, fx), (1, fy)):
         taps = _weights(order, frac, xp)
@@ -323,9 +340,7 @@ def align_with_variance(
     from dagpre.ops.warp import reproject, warp_affine
 
     out = align(frame, reference, **params)
-    order = params.get("order", "bilinear")
-    if out.method == "xcorr" and not params.get("subpixel", False):
-        order = "nearest"
+    order = out.order
     var_in = variance.astype(np.float32)
     shape = tuple(int(v) for v in reference.shape)
     threads = params.get("threads")

@@ -193,14 +193,10 @@ def align_step(state: FrameState, reference: Reference, params: Mapping[str, Any
     image = xp.where(off, np.float32(0), out.image).astype(np.float32)
     frame = Frame(image, mask.astype(np.uint8), state.frame.header, reference.wcs,
                   dict(state.frame.meta))  # fmt: skip
-    var = xp.where(off, np.inf, var)
-    sum_var = var if factor is None else xp.where(off, np.inf, var / factor)
-    order = params.get("order", "bilinear")
-    if out.method == "xcorr" and not params.get("subpixel", False):
-        order = "nearest"
+    sum_var = var if factor is None else var / factor  # var is already inf off the footprint
     return replace(
         state, frame=frame, variance=var, footprint=out.footprint, sum_variance=sum_var,
-        resampling=(out.transform, order),
+        resampling=(out.transform, out.order),
     )  # fmt: skip
 
 
@@ -280,7 +276,7 @@ def _noise_factors(state: FrameState, reference: Reference, radius: float, shape
     centre (a faint star's fit weights) and a disc of ``radius`` (the aperture), at every
     source's own sub-pixel offset.
     """
-    from dagpre.ops.align import correlated_noise_factor
+    from dagpre.ops.align import correlated_noise_factor, subpixel_offsets
 
     x, y = reference.sources["x"], reference.sources["y"]
     n = len(x)
@@ -288,19 +284,16 @@ def _noise_factors(state: FrameState, reference: Reference, radius: float, shape
         return np.ones(n), np.ones(n)
     transform, order = state.resampling
     xp = xp_of(state.difference)
+    fx, fy = subpixel_offsets(transform, shape, xp.asarray(x), xp.asarray(y))
     h = int(np.ceil(radius)) + 1
     yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
     disc = xp.asarray((xx * xx + yy * yy <= radius * radius).astype(np.float64))
-    f_aper = correlated_noise_factor(
-        transform, shape, order, x, y, xp.broadcast_to(disc, (n, *disc.shape))
-    )
+    f_aper = correlated_noise_factor(order, fx, fy, xp.broadcast_to(disc, (n, *disc.shape)))
     f_psf = f_aper
     if reference.psf is not None:
         stamp = reference.psf.stamp() if hasattr(reference.psf, "stamp") else reference.psf
         stamp = xp.asarray(stamp, dtype=np.float64)
-        f_psf = correlated_noise_factor(
-            transform, shape, order, x, y, xp.broadcast_to(stamp, (n, *stamp.shape))
-        )
+        f_psf = correlated_noise_factor(order, fx, fy, xp.broadcast_to(stamp, (n, *stamp.shape)))
     return np.asarray(to_host(f_aper)), np.asarray(to_host(f_psf))
 
 
