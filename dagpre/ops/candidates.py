@@ -234,11 +234,13 @@ def match_candidates(
     out["on_source"] = source >= 0
     residual = np.zeros(keep.size, dtype=bool)
     if reference_xy is not None and reference_flux is not None and len(reference_xy[0]):
-        ref_flux = np.asarray(reference_flux, dtype=np.float64)
-        near = tree.query_ball_point(np.column_stack([out["x"], out["y"]]), residual_radius)
-        for c, idx in enumerate(near):  # a handful of neighbours per candidate
-            if idx:
-                residual[c] = np.nanmax(ref_flux[idx]) >= residual_ratio * abs(out["flux"][c])
+        ref_flux = np.nan_to_num(np.asarray(reference_flux, dtype=np.float64), nan=-np.inf)
+        pairs = cKDTree(np.column_stack([out["x"], out["y"]])).sparse_distance_matrix(
+            tree, residual_radius, output_type="ndarray"
+        )
+        brightest = np.full(keep.size, -np.inf)
+        np.maximum.at(brightest, pairs["i"], ref_flux[pairs["j"]])
+        residual = brightest >= residual_ratio * np.abs(out["flux"])
     out["residual"] = residual
     if wcs is not None:
         ra, dec = wcs.all_pix2world(out["x"], out["y"], 0)

@@ -93,11 +93,12 @@ def isolated_stars(catalog: Any, shape: tuple[int, int], *, radius: float, edge:
     flag = np.asarray(to_host(catalog["flag"]))
     if x.size == 0:
         return np.zeros(0, dtype=np.int64)
-    tree = cKDTree(np.column_stack([x, y]))
-    n_near = np.array([len(n) for n in tree.query_ball_point(np.column_stack([x, y]), radius)])
+    xy = np.column_stack([x, y])
+    # distance to the nearest other detection (the first hit is itself; inf when alone)
+    nearest = cKDTree(xy).query(xy, k=2)[0][:, 1]
     ny, nx = shape
     inside = (x >= edge) & (x <= nx - 1 - edge) & (y >= edge) & (y <= ny - 1 - edge)
-    return np.flatnonzero((n_near == 1) & (flag == 0) & inside)
+    return np.flatnonzero((nearest > radius) & (flag == 0) & inside)
 
 
 def adaptive_moments(

@@ -207,17 +207,10 @@ def _scale_stars(image: Any, variance: Any, mask: Any, fwhm: float) -> tuple[Any
 
 
 def _flux_ratio(base_flux: np.ndarray, image: Any, mask: Any, x, y, radius: float) -> float:
-    from dagpre.ops.photometry import aperture_photometry
-
-    if x.size < 3:
-        return 1.0  # too few stars to tell: assume the same scale (said in the docstring)
-    phot = aperture_photometry(image, x, y, radius, mask=mask != 0)
-    flux = np.asarray(to_host(phot.flux))
-    flag = np.asarray(to_host(phot.flag))
-    ok = (flag == 0) & (base_flux > 0) & np.isfinite(flux)
-    if ok.sum() < 3:
-        return 1.0
-    return float(np.median(flux[ok] / base_flux[ok]))
+    """Median flux ratio of the grid frame's scale stars on ``image`` (1 with under 3)."""
+    flux = _ratio_flux(image, mask, x, y, radius)
+    ok = np.isfinite(flux) & (base_flux > 0)
+    return float(np.median(flux[ok] / base_flux[ok])) if ok.sum() >= 3 else 1.0
 
 
 def _combine(stack: list, variances: list, combine: str, clip_sigma: float):
@@ -371,7 +364,8 @@ def build_reference(
         Frames above these are not candidates (see :func:`rank_frames`).
     max_scale_offset : float
         A candidate whose photometric scale is off the candidates' median by more than this
-        fraction is not combined.
+        fraction is not combined. A frame with fewer than 3 unflagged scale stars (bright,
+        isolated, S/N >= 10 on the grid frame) is given scale 1.
     extra_candidates : int
         Candidates aligned beyond ``n_best``, to replace frames the scale check refuses.
     hdu : int or str, optional
@@ -515,6 +509,7 @@ def build_reference(
 
 
 def _ratio_flux(image, mask, x, y, radius) -> np.ndarray:
+    """Aperture fluxes of the scale stars, NaN where the aperture is flagged."""
     from dagpre.ops.photometry import aperture_photometry
 
     if x.size == 0:

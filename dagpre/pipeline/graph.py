@@ -18,6 +18,7 @@ the run (:mod:`dagpre.pipeline.run`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -153,8 +154,6 @@ def build_reference(
         by_index = {r["index"]: r for r in rows if isinstance(r, Mapping)}
         quality = [by_index.get(i) for i in indices]
     align = {"method": "wcs", "order": "lanczos3", **steps.get("align", {})}
-    if "order" not in steps.get("align", {}):
-        align["order"] = "lanczos3"
     catalog = _read_catalog(ref["catalog"]) if ref.get("catalog") else None
     radius = float(steps.get("photometry", {}).get("radii", [5.0])[0])
     out = build(
@@ -165,10 +164,7 @@ def build_reference(
         detect={"thresh": 5.0, **steps.get("detect", {})}, catalog=catalog,
         aperture_radius=radius, hdu=workflow.hdu, psf="auto",
     )  # fmt: skip
-    # frames by path, as the store records them
-    import dataclasses
-
-    return dataclasses.replace(out, frames=tuple(chosen[i] for i in out.frames))
+    return dataclasses.replace(out, frames=tuple(chosen[i] for i in out.frames))  # as paths
 
 
 def _read_catalog(path: str) -> dict:

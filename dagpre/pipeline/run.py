@@ -269,8 +269,8 @@ def finish_store(root, workflow: Workflow, reference: st.Reference, say=print) -
             root.attrs["zero_point"] = float(phot["zero_point"])
     if "detections" in root:
         n = root["frames"]["path"].shape[0]
-        detections = [zs.read_detections(root, i) if i in set(done.tolist()) else None
-                      for i in range(n)]  # fmt: skip
+        finished = set(done.tolist())
+        detections = [zs.read_detections(root, i) if i in finished else None for i in range(n)]
         params = workflow.steps.get("candidates", {})
         keys = ("min_detections", "radius", "source_radius", "residual_radius", "residual_ratio")
         src = reference.sources
