@@ -294,16 +294,8 @@ def write_reference(
             dimension_names=("v", "u"), overwrite=True,
         )  # fmt: skip
         arr[:] = p
-    table = ref.require_group("sources")
-    n_src = 0
-    for name, value in sources.items():
-        col = np.asarray(to_host(value))
-        n_src = col.shape[0]
-        arr = table.create_array(
-            name, shape=col.shape, dtype=col.dtype, chunks=col.shape or (1,),
-            dimension_names=("source",), overwrite=True,
-        )  # fmt: skip
-        arr[:] = col
+    _write_table(ref.require_group("sources"), sources, "source")
+    n_src = len(to_host(next(iter(sources.values())))) if sources else 0
     root.attrs["reference_frames"] = [str(f) for f in frames]
     n_frames = root["frames"]["path"].shape[0]
     if n_src and "lightcurves" not in root:
