@@ -202,16 +202,20 @@ class Triplet:
     normalise: str
 
 
-def _paste(src, sx0, sy0, x0, y0, size, grid, fill, dtype) -> np.ndarray:
-    """The ``size x size`` window at ``(x0, y0)`` of a plane whose slice ``src`` starts at
-    ``(sx0, sy0)``; pixels beyond the ``grid`` ``(ny, nx)`` take ``fill``."""
+def _gather(src, sx0, sy0, x0, y0, size, grid, fill, dtype) -> np.ndarray:
+    """The ``size x size`` windows at ``(x0[i], y0[i])`` of a plane whose slice ``src``
+    starts at ``(sx0, sy0)``, all at once: ``(n, size, size)``; pixels beyond the ``grid``
+    ``(ny, nx)`` take ``fill``. ``src`` must hold every in-grid pixel of every window."""
     ny, nx = grid
-    out = np.full((size, size), fill, dtype=dtype)
-    xa, xb = max(x0, 0), min(x0 + size, nx)
-    ya, yb = max(y0, 0), min(y0 + size, ny)
-    if xa < xb and ya < yb:
-        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = src[ya - sy0 : yb - sy0, xa - sx0 : xb - sx0]
-    return out
+    off = np.arange(size)
+    rows = np.asarray(y0, dtype=np.int64)[:, None] + off  # (n, size)
+    cols = np.asarray(x0, dtype=np.int64)[:, None] + off
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    if src.size == 0:
+        return np.full(inside.shape, fill, dtype=dtype)
+    rr = np.clip(rows - sy0, 0, src.shape[0] - 1)[:, :, None]
+    cc = np.clip(cols - sx0, 0, src.shape[1] - 1)[:, None, :]
+    return np.where(inside, src[rr, cc], fill).astype(dtype)
 
 
 def _finish(raw, var, mask, method):
@@ -313,10 +317,12 @@ def cutouts_from_triplet(
         raise InputError("mask", f"expected shape {shape}, got {mask.shape}")
     ny, nx = shape
     x0, y0 = nx // 2 - size // 2, ny // 2 - size // 2
-    raw = np.stack([_paste(p, 0, 0, x0, y0, size, shape, np.nan, np.float32) for p in planes])
-    var = np.stack([_paste(v, 0, 0, x0, y0, size, shape, np.nan, np.float32) for v in variance])
-    off = np.uint8(MaskBit.OFF_FOOTPRINT)
-    msk = _paste(mask, 0, 0, x0, y0, size, shape, off, np.uint8)
+    def cut(src, fill, dtype):
+        return _gather(src, 0, 0, [x0], [y0], size, shape, fill, dtype)[0]
+
+    raw = np.stack([cut(p, np.nan, np.float32) for p in planes])
+    var = np.stack([cut(v, np.nan, np.float32) for v in variance])
+    msk = cut(mask, np.uint8(MaskBit.OFF_FOOTPRINT), np.uint8)
     out, var, msk, offset, scale = _finish(raw[None], var[None], msk[None], normalise)
     return Triplet(out[0], var[0], msk[0], offset[0], scale[0], normalise)
 
@@ -458,20 +464,21 @@ def _match_truth(ra, dec, truth_sources, radius_deg):
         return label, tid, tkind
     t_kind = np.asarray(truth_sources["kind"]).astype(str)
     t_id = np.asarray(truth_sources["id"], dtype=np.int64)
-    tree = cKDTree(_unit(t_ra, t_dec))
+    units = _unit(t_ra, t_dec)
     chord = 2.0 * math.sin(math.radians(radius_deg) / 2.0)
-    ok = np.isfinite(ra) & np.isfinite(dec)
-    points = _unit(np.where(ok, ra, 0.0), np.where(ok, dec, 0.0))
-    for i in np.flatnonzero(ok):
-        near = tree.query_ball_point(points[i], chord)
-        if not near:
-            continue
-        near = np.asarray(near)
-        dist = np.linalg.norm(tree.data[near] - points[i], axis=1)
-        real = np.isin(t_kind[near], _REAL_KINDS)
-        pick = near[real][np.argmin(dist[real])] if real.any() else near[np.argmin(dist)]
-        label[i] = 1 if real.any() else 0
-        tid[i], tkind[i] = t_id[pick], t_kind[pick]
+    ok = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+    points = _unit(np.asarray(ra)[ok], np.asarray(dec)[ok])
+    # nearest truth source within the radius, preferring a real (varying) one
+    dist, pick = cKDTree(units).query(points, distance_upper_bound=chord)
+    real = np.flatnonzero(np.isin(t_kind, _REAL_KINDS))
+    if real.size:
+        dist_r, pick_r = cKDTree(units[real]).query(points, distance_upper_bound=chord)
+        has_real = np.isfinite(dist_r)
+        pick = np.where(has_real, real[np.minimum(pick_r, real.size - 1)], pick)
+        label[ok[has_real]] = 1
+    near = np.isfinite(dist)
+    tid[ok[near]] = t_id[pick[near]]
+    tkind[ok[near]] = t_kind[pick[near]]
     return label, tid, tkind
 
 
@@ -760,21 +767,20 @@ def export_training_set(
                     else np.zeros_like(sci))  # fmt: skip
             fmask = (np.asarray(root["mask"][box], dtype=np.uint8) if "mask" in root
                      else np.zeros(sci.shape, np.uint8))  # fmt: skip
-            for i in items:
-                k = i - lo
-                x0, y0 = int(meta["x0"][i]), int(meta["y0"][i])
-                cut = [
-                    _paste(sci, bx0, by0, x0, y0, size, grid, np.nan, np.float32),
-                    _paste(ref_image, 0, 0, x0, y0, size, grid, np.nan, np.float32),
-                    _paste(diff, bx0, by0, x0, y0, size, grid, np.nan, np.float32),
-                ]
-                raw[k] = cut
-                dv = _paste(fvar, bx0, by0, x0, y0, size, grid, np.nan, np.float32)
-                var[k] = [dv, _paste(ref_var, 0, 0, x0, y0, size, grid, np.nan, np.float32), dv]
-                off = np.uint8(MaskBit.OFF_FOOTPRINT)
-                msk[k] = _paste(fmask, bx0, by0, x0, y0, size, grid, off, np.uint8) | _paste(
-                    ref_mask, 0, 0, x0, y0, size, grid, off, np.uint8
-                )
+            k = items - lo
+            x0s, y0s = meta["x0"][items], meta["y0"][items]
+
+            def cut(src, sx0, sy0, fill, dtype, x0s=x0s, y0s=y0s):
+                return _gather(src, sx0, sy0, x0s, y0s, size, grid, fill, dtype)
+
+            raw[k, 0] = cut(sci, bx0, by0, np.nan, np.float32)
+            raw[k, 1] = cut(ref_image, 0, 0, np.nan, np.float32)
+            raw[k, 2] = cut(diff, bx0, by0, np.nan, np.float32)
+            dv = cut(fvar, bx0, by0, np.nan, np.float32)
+            var[k, 0], var[k, 2] = dv, dv
+            var[k, 1] = cut(ref_var, 0, 0, np.nan, np.float32)
+            off = np.uint8(MaskBit.OFF_FOOTPRINT)
+            msk[k] = cut(fmask, bx0, by0, off, np.uint8) | cut(ref_mask, 0, 0, off, np.uint8)
         cut, cvar, cmask, offset, scale = _finish(raw, var, msk, normalise)
         arrays["cutouts"][lo:hi] = cut
         arrays["variance"][lo:hi] = cvar
