@@ -115,7 +115,7 @@ def _photon_noise(m: dict) -> np.ndarray:
 
 def test_constant_star_scatter_is_at_the_photon_noise(night):
     """Constant isolated stars' light-curve scatter over the truth's photon-noise expectation,
-    median per S/N bin: measured 1.03, 0.97, 1.05, 1.08 (S/N 20-400) and 1.15 above S/N 400,
+    median per S/N bin: measured 1.02, 0.97, 1.06, 1.08 (S/N 20-400) and 1.14 above S/N 400,
     where a flux-proportional residual of about 0.1 % (kernel and PSF-model mismatch of the
     undersampled stars) adds to the photons. The issue's bar is 1.1 at every S/N; the
     brightest bin does not meet it yet, and is held here at what it does (1.2). The reported
@@ -140,18 +140,24 @@ def test_constant_star_scatter_is_at_the_photon_noise(night):
 def test_variable_light_curves_follow_the_truth(night):
     """Variables' light curves against the true ones on the reference scale, with one offset
     per star (the reference flux's own error, common to every point): chi^2/dof median
-    measured 1.17 (0.80, 1.15, 1.62 for amplitudes < 20, 20-100, > 100 sigma: the largest
-    carry the same 0.1 %-of-flux residual as bright constant stars)."""
+    measured 1.15; by amplitude 0.80, 1.16, 1.30 for < 20, 20-100, > 100 sigma. With a
+    linear PSF model (before the reference's model went quadratic) the largest were 1.62:
+    the field-curved PSF made each star's fitted flux a few 0.1 % off its own scale."""
     m = night
-    chi = []
+    chi, amp = [], []
     for i in np.flatnonzero(m["variable"]):
         r = m["flux"][i] - m["true_lc"][i]
         w = 1 / m["err"][i] ** 2
         c = np.sum(w * r) / np.sum(w)
         chi.append(np.sum(w * (r - c) ** 2) / (r.size - 2))
-    chi = np.array(chi)
+        amp.append(np.ptp(m["true_lc"][i]) / np.median(m["err"][i]))
+    chi, amp = np.array(chi), np.array(amp)
     assert len(chi) > 30
     assert np.median(chi) <= 1.5
+    for lo, hi in ((0, 20), (20, 100), (100, np.inf)):
+        sel = (amp >= lo) & (amp < hi)
+        assert sel.sum() >= 8, (lo, sel.sum())
+        assert np.median(chi[sel]) <= 1.5, (lo, np.median(chi[sel]))
     assert np.mean(chi <= 2.5) > 0.85
 
 

@@ -9,19 +9,21 @@ on the pixel centred at ``(X, Y)`` is ``P = (G + R) / (sum of G + R over the sta
   sigma 0.8 px), at the exact offset ``(X - x, Y - y)``. Its shape
   ``(sigma_x, sigma_y, rho)`` (rms widths along x and y in px, and their correlation;
   ``rho = 0`` is an ellipse aligned with the axes) varies across the field as
-  ``c0 + c1 u + c2 v`` (``order=1``) or is constant (``order=0``); ``u, v`` are the
+  ``c0 + c1 u + c2 v`` (``order=1``), plus ``c3 u^2 + c4 u v + c5 v^2`` (``order=2``),
+  or is constant (``order=0``); ``u, v`` are the
   position scaled to [-1, 1] over the image, ``u = 2 x / (nx - 1) - 1``,
   ``v = 2 y / (ny - 1) - 1``.
 * **Residual table** (LUT) ``R``: what the core misses, on a grid of one node per pixel,
-  ``R = L0 + L1 u + L2 v`` (``order=1``) or ``L0``, evaluated at the star's sub-pixel
-  offset with a separable cubic B-spline (the table holds its coefficients; nodes beyond
-  the table take the edge nodes' values). The table is *fitted*, not stacked: it is the
-  weighted least-squares solution (preconditioned conjugate gradients over all stars at
-  once) of "the spline surface at each star's offset equals that star's normalised
-  residual", so no star's noisy residual is ever resampled. The B-spline beat Catmull-Rom
-  nodes by 2x on noise-free Moffat stars of FWHM 2.5-3 px (worst pixel 0.3 % instead of
-  0.7 % of the peak at the worst sub-pixel offset); ``tests/test_psf.py`` holds the model
-  to 1 % of the peak against the truth at the worst offsets.
+  ``R = L0 + L1 u + L2 v`` (``order=1``), plus ``L3 u^2 + L4 u v + L5 v^2`` (``order=2``),
+  or ``L0``, evaluated at the star's sub-pixel offset with a separable cubic B-spline (the
+  table holds its coefficients; nodes beyond the table take the edge nodes' values). The
+  table is *fitted*, not stacked: it is the weighted least-squares solution
+  (preconditioned conjugate gradients over all stars at once) of "the spline surface at
+  each star's offset equals that star's normalised residual", so no star's noisy residual
+  is ever resampled. The B-spline beat Catmull-Rom nodes by 2x on noise-free Moffat stars
+  of FWHM 2.5-3 px (worst pixel 0.3 % instead of 0.7 % of the peak at the worst sub-pixel
+  offset); ``tests/test_psf.py`` holds the model to 1 % of the peak against the truth at
+  the worst offsets.
 
 Fitting (:func:`build_psf`), vectorised over stars (batched 3 x 3 solves, batched
 ``(s, s)`` matrix products; no Python loop over stars):
@@ -71,8 +73,10 @@ _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Gauss-Legendre nodes (pixels, about the pixel centre) and weights, 4 per pixel along y.
 _GL_NODES = tuple(0.5 * float(t) for t in np.polynomial.legendre.leggauss(4)[0])
 _GL_WEIGHTS = tuple(0.5 * float(w) for w in np.polynomial.legendre.leggauss(4)[1])
-#: Fewest usable stars for a constant (order 0) and a linearly varying (order 1) model.
-_MIN_STARS = (5, 10)
+#: Fewest usable stars for a constant (order 0), linearly (1) and quadratically (2) varying model.
+_MIN_STARS = (5, 10, 20)
+#: Spatial terms of each order: (1,), (1, u, v), (1, u, v, u^2, u v, v^2).
+_TERMS = (1, 3, 6)
 #: Fractional profile error added to the variance for the chi^2 of the outlier clip.
 _PROFILE_ERROR = 0.02
 #: Joint core / centroid iterations of stage 1, and star refits per table fit.
@@ -104,7 +108,7 @@ class PSFModel:
     ----------
     core : ndarray (k, 3) float64
         Coefficients of the core's shape ``(sigma_x, sigma_y, rho)`` (px, px, -) on the
-        basis ``(1, u, v)[:k]``; ``k = 1`` (order 0) or 3 (order 1).
+        basis ``(1, u, v, u^2, u v, v^2)[:k]``; ``k = 1, 3, 6`` for order 0, 1, 2.
     lut : ndarray (k, s, s) float64
         Residual table terms (cubic B-spline coefficients, one per pixel, indexed
         ``[term, j, i]``), in units of the normalised PSF.
@@ -135,8 +139,8 @@ class PSFModel:
 
     @property
     def order(self) -> int:
-        """Spatial order: 0 (constant) or 1 (linear in ``x`` and ``y``)."""
-        return 0 if self.lut.shape[0] == 1 else 1
+        """Spatial order: 0 (constant), 1 (linear) or 2 (quadratic in ``x`` and ``y``)."""
+        return _TERMS.index(self.lut.shape[0])
 
     @property
     def center(self) -> tuple[float, float]:
@@ -233,8 +237,10 @@ class PSFModel:
             raise InputError("arrays", f"unknown PSF model format version {int(a['version'])}")
         core, lut = a["core"].astype(np.float64), a["lut"].astype(np.float64)
         k = lut.shape[0] if lut.ndim == 3 else -1
-        if k not in (1, 3) or lut.shape[1] != lut.shape[2] or lut.shape[1] % 2 == 0:
-            raise InputError("arrays", f"expected a (1 or 3, s, s) table, s odd, got {lut.shape}")
+        if k not in _TERMS or lut.shape[1] != lut.shape[2] or lut.shape[1] % 2 == 0:
+            raise InputError(
+                "arrays", f"expected a (1, 3 or 6, s, s) table, s odd, got {lut.shape}"
+            )
         if core.shape != (k, 3):
             raise InputError("arrays", f"expected core coefficients ({k}, 3), got {core.shape}")
         ny, nx = (int(v) for v in a["shape"])
@@ -282,14 +288,15 @@ def _positions(xp, x, y):
 
 
 def _basis(xp, xs, ys, shape, k):
-    """``(n, k)`` spatial basis ``(1, u, v)[:k]``, ``u, v`` in [-1, 1] over the image."""
+    """``(n, k)`` spatial basis ``(1, u, v, u^2, u v, v^2)[:k]``, ``u, v`` in [-1, 1]."""
     ny, nx = shape
     one = xp.ones_like(xs)
     if k == 1:
         return one[:, None]
     u = 2.0 * xs / max(nx - 1, 1) - 1.0
     v = 2.0 * ys / max(ny - 1, 1) - 1.0
-    return xp.stack([one, u, v], axis=1)
+    terms = [one, u, v, u * u, u * v, v * v]
+    return xp.stack(terms[:k], axis=1)
 
 
 def _core_params(xp, b, core):
@@ -715,8 +722,11 @@ def build_psf(
         more easily rejected as outliers.
     mask : ndarray (ny, nx), optional
         Non-zero marks pixels to leave out (a MaskBit mask as is).
-    order : {0, 1}
-        0: one PSF for the whole image; 1: core shape and table linear in ``x`` and ``y``.
+    order : {0, 1, 2}
+        0: one PSF for the whole image; 1 (2): core shape and table linear (quadratic) in
+        ``x`` and ``y``. A PSF whose width changes across the field by more than a few
+        per cent along a curve (optics' field curvature) needs 2, or fluxes fitted with
+        the model carry a position-dependent scale error.
     flux : array_like (n,), optional
         First guess of the fluxes (ADU); default the sum of each stamp.
     iterations : int
@@ -733,8 +743,8 @@ def build_psf(
     ------
     InputError
         For a bad image, positions, size, order or maps, or when fewer than 5 stars (10
-        for ``order=1``) are usable (stamp inside the image, positive flux, at least half
-        the stamp's pixels usable).
+        for ``order=1``, 20 for ``order=2``) are usable (stamp inside the image, positive
+        flux, at least half the stamp's pixels usable).
 
     Examples
     --------
@@ -754,8 +764,8 @@ def build_psf(
     n = int(xs.shape[0])
     if not (bool(xp.all(xp.isfinite(xs))) and bool(xp.all(xp.isfinite(ys)))):
         raise InputError("x", "expected finite positions")
-    if isinstance(order, bool) or order not in (0, 1):
-        raise InputError("order", f"expected 0 or 1, got {order!r}")
+    if isinstance(order, bool) or order not in (0, 1, 2):
+        raise InputError("order", f"expected 0, 1 or 2, got {order!r}")
     iterations = check_positive_int(iterations, "iterations")
     if not _is_number(clip) or clip <= 0:
         raise InputError("clip", f"expected a positive number of sigma, got {clip!r}")
@@ -791,7 +801,7 @@ def build_psf(
 def _too_few(m: int, order: int) -> str:
     return (
         f"only {m} usable PSF stars; need >= {_MIN_STARS[0]} "
-        f"(for order=1, >= {_MIN_STARS[1]}); got order={order}"
+        f"(for order=1, >= {_MIN_STARS[1]}; order=2, >= {_MIN_STARS[2]}); got order={order}"
     )
 
 
@@ -858,7 +868,7 @@ class _Fit:
         self.weight = weight
         self.shape = shape
         self.s = size
-        self.k = 1 if order == 0 else 3
+        self.k = _TERMS[order]
         self.order = order
 
     # ------------------------------------------------------------------ pieces

@@ -354,7 +354,8 @@ def build_reference(
     psf : bool, "auto" or dict
         Build the PSF model (True, or :func:`~dagpre.ops.psf.build_psf` keyword arguments;
         too few PSF stars is then an error); ``"auto"``: build it when the field has enough
-        stars, else go on without one and say so in ``notes``; False: no model
+        stars, else go on without one and say so in ``notes`` (its spatial order: 2 with
+        at least 48 PSF stars, 1 with 24, else 0, see :func:`_psf_order`); False: no model
         (``flux_psf`` NaN).
     aperture_radius : float
         Aperture radius of ``flux_aper``, px.
@@ -519,6 +520,25 @@ def _ratio_flux(image, mask, x, y, radius) -> np.ndarray:
     return np.where(np.asarray(to_host(phot.flag)) == 0, flux, np.nan)
 
 
+#: PSF stars per spatial term below which ``psf="auto"`` drops to a lower model order.
+_PSF_STARS_PER_TERM = 8
+
+
+def _psf_order(n_stars: int) -> int:
+    """Spatial order of the ``psf="auto"`` model for ``n_stars`` PSF stars.
+
+    Quadratic (6 terms) when there are at least 8 stars per term, else linear (3), else
+    constant: a night's PSF width changes along a curve across the field (the simulator's
+    and real optics' field curvature), and a linear model then misfits stars by a
+    position-dependent fraction of their flux, which turns into a scale error on every
+    variable's light curve.
+    """
+    for order, terms in ((2, 6), (1, 3)):
+        if n_stars >= _PSF_STARS_PER_TERM * terms:
+            return order
+    return 0
+
+
 def _measure(image, mask, variance, wcs, frames, rows, scales, *, detect, catalog, psf,
              aperture_radius, fwhm) -> Reference:  # fmt: skip
     """Noise, sources, PSF model and photometry of a combined image."""
@@ -546,7 +566,7 @@ def _measure(image, mask, variance, wcs, frames, rows, scales, *, detect, catalo
 
         try:
             stars = select_psf_stars(det, image.shape, mask=mask) if len(det) else []
-            kwargs = dict(psf) if isinstance(psf, Mapping) else {}
+            kwargs = dict(psf) if isinstance(psf, Mapping) else {"order": _psf_order(len(stars))}
             model = build_psf(
                 image, det_cols["x"][stars], det_cols["y"][stars], variance=variance,
                 mask=mask, **kwargs,
