@@ -60,6 +60,7 @@ _LAZY = {
     "psf_photometry": "dagpre.ops.psfphot:psf_photometry",
     "PSFPhotometry": "dagpre.ops.psfphot:PSFPhotometry",
     "frame_quality": "dagpre.ops.quality:frame_quality",
+    "relative_transmission": "dagpre.ops.transmission:relative_transmission",
     "FrameQuality": "dagpre.ops.quality:FrameQuality",
     "build_reference": "dagpre.ops.reference:build_reference",
     "Reference": "dagpre.ops.reference:Reference",

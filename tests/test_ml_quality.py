@@ -57,12 +57,13 @@ def _frames(seed: int, n: int, bad: dict | None = None, **kwargs) -> list:
 def nights() -> dict:
     """Training frames, and held-apart nights' good and bad frames."""
     train = [f for s in TRAIN_SEEDS for f in _frames(s, 4)]
-    good, bad = [], []
+    good, bad, whole = [], [], []
     for s in TEST_SEEDS:
         frames = _frames(s, 8, dict(enumerate(KINDS)))
         bad += list(zip(KINDS, frames[:4], strict=True))
         good += frames[4:]
-    return {"train": train, "good": good, "bad": bad}
+        whole.append(frames)
+    return {"train": train, "good": good, "bad": bad, "nights": whole}
 
 
 @pytest.fixture(scope="module")
@@ -88,46 +89,77 @@ def small_frames() -> list:
 
 @pytest.fixture(scope="module")
 def classified(trained, nights) -> dict:
-    """Every held-apart frame classified once, with the rates and times."""
+    """Every held-apart night classified once (``classify_night``), with the rates and times.
+
+    ``alone``: the frames' verdicts from their tiles only (what :meth:`classify` gives)."""
     model, fit_seconds = trained
     start = time.perf_counter()
-    good = [model.classify(f) for f in nights["good"]]
-    bad = [(kind, model.classify(f)) for kind, f in nights["bad"]]
-    per_frame = (time.perf_counter() - start) / (len(good) + len(bad))
+    # 128 px frames: 32 px background meshes (the default 64 would give 2 x 2)
+    results = [model.classify_night(n, transmission={"box": 32}) for n in nights["nights"]]
+    per_frame = (time.perf_counter() - start) / sum(len(n) for n in nights["nights"])
+    bad = [(kind, r) for rs in results for kind, r in zip(KINDS, rs[:4], strict=True)]
+    good = [r for rs in results for r in rs[4:]]
+
+    def alone_bad(r):
+        return not r.bad_fraction <= r.max_bad_fraction
+
     out = {
         "good": good,
         "bad": bad,
         "false_alarms": float(np.mean([not r.good for r in good])),
         "recall": {k: float(np.mean([not r.good for kind, r in bad if kind == k])) for k in KINDS},
         "overall": float(np.mean([not r.good for _, r in bad])),
+        "alone": {
+            "false_alarms": float(np.mean([alone_bad(r) for r in good])),
+            "recall": {
+                k: float(np.mean([alone_bad(r) for kind, r in bad if kind == k])) for k in KINDS
+            },
+            "overall": float(np.mean([alone_bad(r) for _, r in bad])),
+        },
     }
+    alone = out["alone"]
     print(
         f"\nquality model: {model.n_parameters} weights, fit {fit_seconds:.1f} s "
         f"({len(nights['train'])} frames, {EPOCHS} epochs), score {1e3 * per_frame:.1f} ms "
-        f"per {SHAPE[0]}x{SHAPE[1]} frame (CPU)\n"
+        f"per {SHAPE[0]}x{SHAPE[1]} frame with the night's transmission (CPU)\n"
         f"bad frames flagged: {out['overall']:.1%} of {len(bad)} ("
         + ", ".join(f"{k} {v:.0%}" for k, v in out["recall"].items())
-        + f"); false alarms {out['false_alarms']:.1%} of {len(good)} good frames"
+        + f"); false alarms {out['false_alarms']:.1%} of {len(good)} good frames\n"
+        f"tiles alone: {alone['overall']:.1%} ("
+        + ", ".join(f"{k} {v:.0%}" for k, v in alone["recall"].items())
+        + f"); false alarms {alone['false_alarms']:.1%}"
     )
     return out
 
 
 def test_acceptance_on_held_apart_nights(classified):
+    """>= 95 % of bad frames flagged, <= 5 % false alarms. Measured: 100 % of 120 bad frames
+    (every kind), false alarms 3.3 % of 120 good frames (one of them a clear frame whose
+    light came out at 0.61 of its night's: on 128 px frames few unsaturated stars carry
+    it). Tiles alone: clouds 77 %, the other kinds 100 %, false alarms 2.5 %."""
     assert classified["false_alarms"] <= 0.05
     recall = classified["recall"]
-    for kind in ("shutter", "defocus", "trailing"):
+    for kind in KINDS:
         assert recall[kind] >= 0.95, kind
-    # clouds whose sky stays within the training skies look like a clear frame of a
-    # sparser field (module docstring of dagpre.ml.quality): 70-90 % are caught
-    assert recall["cloud"] >= 0.7
-    assert classified["overall"] >= 0.9
+    assert classified["overall"] >= 0.95
+    # alone, a cloud frame whose sky stays within the training skies looks like a clear
+    # frame of a sparser field (module docstring of dagpre.ml.quality): 70-90 % are caught
+    alone = classified["alone"]
+    assert alone["recall"]["cloud"] >= 0.7
+    assert alone["false_alarms"] <= 0.05
+    for kind in ("shutter", "defocus", "trailing"):
+        assert alone["recall"][kind] >= 0.95, kind
     # what made the bad frames bad: the statistic meant for each defect
     worst = {
         k: {r.worst for kind, r in classified["bad"] if kind == k and not r.good} for k in KINDS
     }
     assert worst["shutter"] == {"sky_offset"}
     assert worst["defocus"] == worst["trailing"] == {"psf_size"}
-    assert worst["cloud"] <= {"sky_level", "contrast", "recon"}
+    assert "transmission" in worst["cloud"]
+    # a frame whose tiles failed by less than max_bad_fraction keeps that tile's feature
+    assert worst["cloud"] <= {"sky_level", "contrast", "recon", "sky_offset", "transmission"}
+    clouds = np.array([r.transmission for kind, r in classified["bad"] if kind == "cloud"])
+    assert np.all(clouds < 0.8), clouds  # measured 0.45-0.76
 
 
 def test_bad_area_of_a_shutter_shadow(model, nights):
