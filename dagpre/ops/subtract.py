@@ -161,6 +161,11 @@ class Subtraction:
         ``(cx, hx, cy, hy)``.
     meta : dict
         Orders, sizes, Gaussian widths, sky levels and other provenance.
+    convolved_variance : ndarray (ny, nx) float32 or None
+        Variance (ADU^2) of the image that was convolved, before its convolution (its
+        pixels' noise is independent there; ``⊗ K`` correlates it in the difference).
+        :func:`~dagpre.ops.psfphot.psf_photometry` uses it to add that covariance to its
+        errors. None on results made without it.
     """
 
     difference: Any
@@ -183,6 +188,7 @@ class Subtraction:
     monomial_kernels: Any
     coord_norm: tuple
     meta: dict = field(default_factory=dict)
+    convolved_variance: Any = None
 
     @property
     def kernel_size(self) -> int:
@@ -1085,6 +1091,7 @@ def subtract(
         monomial_kernels=mono,
         coord_norm=norm,
         meta=meta,
+        convolved_variance=conv.var.astype(xp.float32),
     )
 
 
